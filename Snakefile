@@ -1,0 +1,29 @@
+# gradspace: gradient-based OOD detection as a Snakemake workflow.
+# Thin by design: configuration, schema validation, the rule files, and the targets.
+# All logic lives in the `gradspace` Python package (src/gradspace), called through its CLI.
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "workflow/schemas/config.schema.yaml")
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/model.smk"
+include: "workflow/rules/extract.smk"
+include: "workflow/rules/detectors.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    input:
+        f"{R}/model/card.json",
+        f"{R}/metrics.csv",
+        f"{R}/report",
+    default_target: True

@@ -1,0 +1,78 @@
+"""The ``gradspace`` command line. Snakemake rules call these subcommands.
+
+Each module in COMMAND_MODULES exposes ``register(subparsers)`` that adds its
+subcommands and sets ``func`` on the parser. GradspaceError becomes a one-line
+``error:`` message and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+
+from .errors import GradspaceError
+
+COMMAND_MODULES = [
+    "gradspace.data.prepare",
+    "gradspace.models.commands",
+    "gradspace.extract",
+    "gradspace.detectors.commands",
+    "gradspace.metrics",
+    "gradspace.report",
+    "gradspace.grads.commands",
+    "gradspace.subspace.commands",
+]
+
+
+def json_arg(text: str) -> dict:
+    """argparse type for --params: a JSON object."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="gradspace", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gradspace {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
+    for mod in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod:
+                continue  # stage not built in this checkout
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.environ.get("GRADSPACE_THREADS"):
+        from .runtime import set_threads
+
+        set_threads()
+    try:
+        args.func(args)
+    except GradspaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

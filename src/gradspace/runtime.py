@@ -1,0 +1,75 @@
+"""Device selection, seeding and timing helpers shared by all commands."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+
+import numpy as np
+
+
+def resolve_device(spec: str = "auto"):
+    """Return a torch.device: 'auto' picks CUDA when present, else CPU."""
+    import torch
+
+    if spec in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError(f"device '{spec}' requested but CUDA is not available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def set_threads(n: int | None = None) -> None:
+    """Limit torch intra-op threads (SLURM/Snakemake pass the job's core count)."""
+    import torch
+
+    n = n or int(os.environ.get("GRADSPACE_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+class Timer:
+    """Accumulating wall-clock timer; synchronizes CUDA so GPU time is measured."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, device=None):
+        _sync(device)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(device)
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t0
+
+
+def _sync(device) -> None:
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def hardware_description(device=None) -> str:
+    import platform
+
+    if device is not None and getattr(device, "type", None) == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"

@@ -1,0 +1,132 @@
+# Helpers shared by the rule files: dataset names, shard lists, detector instances and
+# the JSON parameter blobs handed to the gradspace CLI. Every setting that changes a
+# rule's output reaches it through `params`, so Snakemake's params trigger reruns
+# exactly the invalidated jobs.
+
+import json
+import shlex
+
+from gradspace import __version__ as GRADSPACE_VERSION
+from gradspace.detectors.base import get_detector
+from gradspace.errors import ConfigError
+
+EXP = config["experiment"]
+R = f"results/{EXP}"
+LOGS = f"logs/{EXP}"
+BENCH = f"{R}/benchmarks"
+MODEL = f"{R}/model/model.pt"
+
+ID_SETS = ["id_train", "id_test"]
+OOD_SETS = list(config["data"]["ood"])
+DATASETS = ID_SETS + OOD_SETS
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    shard=r"\d+",
+
+
+def jarg(obj):
+    """A JSON blob, shell-quoted, for --params."""
+    return shlex.quote(json.dumps(obj, sort_keys=True))
+
+
+def n_shards(dataset):
+    data = config["data"]
+    spec = data["id"] if dataset in ID_SETS else data["ood"][dataset]
+    return int(spec.get("shards", data["shards"]))
+
+
+def shard_stores(dataset, kind="embeddings"):
+    return [f"{R}/{kind}/{dataset}/shard-{k}.zarr" for k in range(n_shards(dataset))]
+
+
+def _id_sources():
+    idc = config["data"]["id"]
+    if bool(idc.get("train")) != bool(idc.get("test")):
+        raise ConfigError("data.id: give both 'train' and 'test' sources, or neither (then 'source' is split)")
+
+
+_id_sources()
+
+
+def prepare_params(dataset):
+    data = config["data"]
+    common = {
+        "image_size": data["image_size"],
+        "channels": data["channels"],
+        "shards": n_shards(dataset),
+    }
+    if dataset in ID_SETS:
+        idc = data["id"]
+        part = "train" if dataset == "id_train" else "test"
+        separate = part in idc
+        return {
+            "role": dataset,
+            "source": idc[part] if separate else idc["source"],
+            "num_classes": idc["num_classes"],
+            "test_fraction": None if separate else idc["test_fraction"],
+            "train_subsample": idc["train_subsample"] if dataset == "id_train" else None,
+            "n": None,
+            **common,
+        }
+    source = dict(data["ood"][dataset])
+    n = source.pop("n", None)
+    source.pop("shards", None)
+    return {"role": "ood", "source": source, "num_classes": None, "test_fraction": None,
+            "train_subsample": None, "n": n, **common}
+
+
+def compute_params():
+    c = config["compute"]
+    d = config["data"]
+    return {
+        "batch_size": c["batch_size"],
+        "num_workers": c["num_workers"],
+        "device": c["device"],
+        "precision": c["precision"],
+        "mean": d["mean"],
+        "std": d["std"],
+    }
+
+
+def model_params():
+    m = config["model"]
+    d = config["data"]
+    return {
+        "source": m["source"],
+        "arch": m["arch"],
+        "weights": m["weights"],
+        "num_classes": d["id"]["num_classes"],
+        "in_channels": d["channels"],
+        "image_size": d["image_size"],
+        "mean": d["mean"],
+        "std": d["std"],
+        "train": m["train"],
+        "compute": compute_params(),
+    }
+
+
+def _detector_table(section):
+    table = {}
+    for name, cfg in (section or {}).items():
+        hparams = dict(cfg or {})
+        method = hparams.pop("method", name)
+        cls = get_detector(method)  # ConfigError naming the unknown detector
+        cls(**hparams)  # ConfigError naming an unknown hyperparameter
+        table[name] = {
+            "method": method,
+            "hparams": hparams,
+            "embedding": cls.embedding,
+            "needs_model": bool(cls.needs_model),
+            "needs_fit": bool(cls.needs_fit),
+        }
+    return table
+
+
+DETECTORS = _detector_table(config["detectors"])
+
+
+def detector_params(name):
+    d = DETECTORS[name]
+    return {"method": d["method"], "hparams": d["hparams"]}

@@ -1,0 +1,20 @@
+# prepare: one job per dataset -> manifest (ids, labels, shard of each sample),
+# info.json, and for array-backed demo sets the images as a Zarr store.
+
+
+rule prepare:
+    output:
+        directory(f"{R}/data/{{dataset}}"),
+    params:
+        spec=lambda wc: jarg(prepare_params(wc.dataset)),
+        seed=config["seed"],
+    log:
+        f"{LOGS}/prepare/{{dataset}}.log",
+    benchmark:
+        f"{BENCH}/prepare/{{dataset}}.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
+    shell:
+        "gradspace prepare --dataset {wildcards.dataset} --params {params.spec} "
+        "--seed {params.seed} --out {output} > {log} 2>&1"

@@ -1,0 +1,72 @@
+# One job per detector fit (on ID train) and per (detector, dataset) score.
+# Array detectors read the embedding stores; model-pass detectors (ODIN, BATS) run the
+# model over the prepared images.
+
+
+wildcard_constraints:
+    detector="|".join(DETECTORS) if DETECTORS else "__none__",
+
+
+rule fit_detector:
+    input:
+        model=MODEL,
+        data=f"{R}/data/id_train",
+        shards=shard_stores("id_train"),
+    output:
+        f"{R}/detectors/feature/{{detector}}.npz",
+    params:
+        spec=lambda wc: jarg(detector_params(wc.detector)),
+        compute=jarg(compute_params()),
+        seed=config["seed"],
+    log:
+        f"{LOGS}/fit/feature/{{detector}}.log",
+    benchmark:
+        f"{BENCH}/fit/feature/{{detector}}.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    shell:
+        "gradspace fit --name {wildcards.detector} --params {params.spec} --space feature "
+        "--train {input.shards} --model {input.model} --data-dir {input.data} "
+        "--compute {params.compute} --seed {params.seed} --out {output} > {log} 2>&1"
+
+
+def _score_inputs(wc):
+    inputs = {"fitted": f"{R}/detectors/feature/{wc.detector}.npz"}
+    if DETECTORS[wc.detector]["needs_model"]:
+        inputs["model"] = MODEL
+        inputs["data"] = f"{R}/data/{wc.dataset}"
+    else:
+        inputs["shards"] = shard_stores(wc.dataset)
+    return inputs
+
+
+def _score_sources(wc, input):
+    if DETECTORS[wc.detector]["needs_model"]:
+        return f"--model {input.model} --data-dir {input.data}"
+    return "--shards " + " ".join(input.shards)
+
+
+rule score_detector:
+    input:
+        unpack(_score_inputs),
+    output:
+        f"{R}/scores/feature/{{detector}}/{{dataset}}.npy",
+    params:
+        sources=_score_sources,
+        compute=jarg(compute_params()),
+    log:
+        f"{LOGS}/score/feature/{{detector}}/{{dataset}}.log",
+    benchmark:
+        f"{BENCH}/score/feature/{{detector}}/{{dataset}}.tsv"
+    threads: lambda wc: 2 if DETECTORS[wc.detector]["needs_model"] else 1
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    shell:
+        "GRADSPACE_THREADS={threads} gradspace score --fitted {input.fitted} {params.sources} "
+        "--compute {params.compute} --out {output} > {log} 2>&1"
+
+
+def feature_score_files():
+    return [f"{R}/scores/feature/{d}/{ds}.npy" for d in DETECTORS for ds in ["id_test"] + OOD_SETS]

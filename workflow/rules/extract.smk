@@ -1,0 +1,23 @@
+# extract: one job per (dataset, shard): logits, penultimate features, labels and
+# predictions of every sample of the shard, written to a Zarr v3 store.
+
+
+rule extract:
+    input:
+        model=MODEL,
+        data=f"{R}/data/{{dataset}}",
+    output:
+        directory(f"{R}/embeddings/{{dataset}}/shard-{{shard}}.zarr"),
+    params:
+        spec=jarg(compute_params()),
+    log:
+        f"{LOGS}/extract/{{dataset}}/shard-{{shard}}.log",
+    benchmark:
+        f"{BENCH}/extract/{{dataset}}/shard-{{shard}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    shell:
+        "GRADSPACE_THREADS={threads} gradspace extract --model {input.model} --data-dir {input.data} "
+        "--shard {wildcards.shard} --params {params.spec} --out {output} > {log} 2>&1"

@@ -1,0 +1,61 @@
+# The classifier: trained here (small models) or loaded from a local torchvision cache
+# or checkpoint, always normalized to results/<exp>/model/model.pt; plus a model card.
+
+if config["model"]["source"] == "train":
+
+    rule train:
+        input:
+            f"{R}/data/id_train",
+        output:
+            MODEL,
+        params:
+            spec=jarg(model_params()),
+            seed=config["seed"],
+        log:
+            f"{LOGS}/train.log",
+        benchmark:
+            f"{BENCH}/train.tsv"
+        threads: 2
+        resources:
+            mem_mb=lambda wc, attempt: 8000 * attempt,
+            runtime=lambda wc, attempt: 120 * attempt,
+        shell:
+            "GRADSPACE_THREADS={threads} gradspace train --data-dir {input} --params {params.spec} "
+            "--seed {params.seed} --out {output} > {log} 2>&1"
+
+else:
+
+    rule load_model:
+        output:
+            MODEL,
+        params:
+            source=shlex.quote(config["model"]["source"]),
+            spec=jarg(model_params()),
+        log:
+            f"{LOGS}/load_model.log",
+        benchmark:
+            f"{BENCH}/load_model.tsv"
+        resources:
+            mem_mb=lambda wc, attempt: 8000 * attempt,
+            runtime=lambda wc, attempt: 30 * attempt,
+        shell:
+            "gradspace load-model --source {params.source} --params {params.spec} "
+            "--out {output} > {log} 2>&1"
+
+
+rule model_card:
+    input:
+        model=MODEL,
+        shards=shard_stores("id_test"),
+    output:
+        report(f"{R}/model/card.json", caption="../report/card.rst", category="Model"),
+    log:
+        f"{LOGS}/model_card.log",
+    benchmark:
+        f"{BENCH}/model_card.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 15 * attempt,
+    shell:
+        "gradspace model-card --model {input.model} --shards {input.shards} "
+        "--out {output} > {log} 2>&1"
