@@ -2,12 +2,18 @@
 # Thin by design: configuration, schema validation, the rule files, and the targets.
 # All logic lives in the `gradspace` Python package (src/gradspace), called through its CLI.
 
+import os
+
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# The demo config is the default; a --configfile (e.g. a preset) replaces it whole,
+# and the schema fills in every key it leaves out.
+if not config:
+
+    configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 validate(config, "workflow/schemas/config.schema.yaml")

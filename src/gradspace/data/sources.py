@@ -367,7 +367,8 @@ class _CropSource(Source):
         b = self.boxes()
         self._boxes = b
         index = np.arange(b.shape[0], dtype=np.int64)
-        ids = np.asarray([f"{names[i]}@{t},{left},{s}" for i, t, left, s in b.tolist()], dtype=object)
+        ids = np.asarray(names, dtype=object)[b[:, 0]] + "@" + b[:, 1].astype(str).astype(object)
+        ids = ids + "," + b[:, 2].astype(str).astype(object) + "," + b[:, 3].astype(str).astype(object)
         return Catalog(index=index, ids=ids, labels=b[:, 0].copy(), num_classes=len(names),
                        class_names=names,
                        description=f"{len(index)} random crops ({self.opts['crop_min']}-"

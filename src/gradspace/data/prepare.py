@@ -1,0 +1,241 @@
+"""``gradspace prepare``: turn one configured dataset into a prepared directory.
+
+    gradspace prepare --dataset NAME --params JSON --seed S --out DIR
+
+writes DIR atomically (built in a temporary sibling, renamed at the end):
+``manifest.csv`` (index,id,label,shard), ``info.json`` and, for array-backed sources,
+``images.zarr`` (uint8 N×S×S×C, chunked by rows, rows in manifest order).
+
+Selection, all deterministic given the seed:
+1. the source's candidates (its ``split`` if any; see :mod:`gradspace.data.sources`);
+2. ID roles without a per-role source split: a stratified split
+   (sklearn ``train_test_split(stratify=labels, test_size=test_fraction,
+   random_state=seed)``); id_train takes one part, id_test the complement;
+3. a random subset without replacement of ``train_subsample`` (id_train) or ``n``
+   (id_test, ood) samples, drawn with ``default_rng([seed, 202])``;
+4. kept in source order; shard(p) = floor(p * shards / N).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+from .imageops import convert_channels, resize_batch
+from .manifest import FORMAT_VERSION, IMAGES, INFO, MANIFEST, shard_assignment, write_manifest
+from .sources import ID_ROLES, ROLES, SourceContext, get_source
+
+log = logging.getLogger(__name__)
+
+SEED_TAG_SUBSAMPLE = 202
+
+PARAM_DEFAULTS = {
+    "role": None,
+    "source": None,
+    "num_classes": None,
+    "test_fraction": 0.2,
+    "train_subsample": None,
+    "n": None,
+    "shards": 1,
+    "image_size": None,
+    "channels": None,
+}
+
+
+def _positive_int(name: str, key: str, value, allow_none: bool = True) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"dataset '{name}': params '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def validate_params(name: str, params: dict) -> dict:
+    """Fill defaults and check types; ConfigError names the offending key."""
+    unknown = sorted(set(params) - set(PARAM_DEFAULTS))
+    if unknown:
+        raise ConfigError(f"dataset '{name}': unknown params key(s) {unknown} "
+                          f"(known: {sorted(PARAM_DEFAULTS)})")
+    p = {**PARAM_DEFAULTS, **params}
+    if p["role"] not in ROLES:
+        raise ConfigError(f"dataset '{name}': params 'role' must be one of {list(ROLES)}, got {p['role']!r}")
+    src = p["source"]
+    if not isinstance(src, dict) or not isinstance(src.get("kind"), str):
+        raise ConfigError(f"dataset '{name}': params 'source' must be an object with a 'kind', got {src!r}")
+    for key in ("image_size", "shards"):
+        _positive_int(name, key, p[key], allow_none=False)
+    for key in ("num_classes", "train_subsample", "n"):
+        _positive_int(name, key, p[key])
+    if p["channels"] not in (1, 3):
+        raise ConfigError(f"dataset '{name}': params 'channels' must be 1 or 3, got {p['channels']!r}")
+    tf = p["test_fraction"]
+    if isinstance(tf, bool) or not isinstance(tf, int | float) or not 0.0 < tf < 1.0:
+        raise ConfigError(f"dataset '{name}': params 'test_fraction' must be in (0, 1), got {tf!r}")
+    n_src = src.get("n")
+    if n_src is not None:
+        _positive_int(name, "source.n", n_src)
+        if p["n"] is not None and p["n"] != n_src:
+            raise ConfigError(f"dataset '{name}': params 'n' ({p['n']}) and source option 'n' "
+                              f"({n_src}) disagree")
+        p["n"] = n_src
+    return p
+
+
+def select(name: str, role: str, labels: np.ndarray, *, random_split: bool, test_fraction: float,
+           subsample: int | None, seed: int) -> np.ndarray:
+    """Positions (into the candidate list) of the selected samples, ascending.
+
+    For ID roles with ``random_split``, id_train and id_test get complementary, disjoint
+    stratified parts of the candidates for the same seed.
+    """
+    pos = np.arange(labels.shape[0], dtype=np.int64)
+    if random_split and role in ID_ROLES:
+        from sklearn.model_selection import train_test_split
+
+        try:
+            train, test = train_test_split(pos, test_size=test_fraction, stratify=labels,
+                                           random_state=seed % (2**32), shuffle=True)
+        except ValueError as exc:
+            raise DataError(f"dataset '{name}': cannot make a stratified split with "
+                            f"test_fraction={test_fraction}: {exc}") from exc
+        pos = np.sort(train if role == "id_train" else test)
+    if subsample is not None:
+        if subsample < pos.shape[0]:
+            rng = np.random.default_rng([seed % (2**32), SEED_TAG_SUBSAMPLE])
+            pos = np.sort(rng.choice(pos, size=subsample, replace=False))
+        elif subsample > pos.shape[0]:
+            log.warning("dataset '%s': asked for %d samples but only %d are available; using all",
+                        name, subsample, pos.shape[0])
+    return pos
+
+
+def _chunk_rows(image_size: int, channels: int) -> int:
+    """Rows per images.zarr chunk: about 8 MiB, at most 1024 rows."""
+    return int(max(1, min(1024, (8 << 20) // (image_size * image_size * channels))))
+
+
+def prepare_dataset(name: str, params: dict, seed: int, out) -> dict:
+    """Prepare one dataset into ``out`` atomically; return its info dict."""
+    p = validate_params(name, params)
+    role, size, channels = p["role"], int(p["image_size"]), int(p["channels"])
+    ctx = SourceContext(name=name, role=role, seed=int(seed), image_size=size, channels=channels)
+    source = get_source(p["source"]["kind"])(p["source"], ctx)
+    if source.generates_n:
+        source.n = p["n"]
+    cat = source.catalog()
+
+    random_split = role in ID_ROLES and not source.natural_split
+    subsample = p["train_subsample"] if role == "id_train" else (None if source.generates_n else p["n"])
+    pos = select(name, role, cat.labels, random_split=random_split,
+                 test_fraction=float(p["test_fraction"]), subsample=subsample, seed=int(seed))
+    n = int(pos.shape[0])
+    if n == 0:
+        raise DataError(f"dataset '{name}': no samples selected from {cat.description}")
+
+    index, ids = cat.index[pos], cat.ids[pos]
+    if role in ID_ROLES:
+        num_classes = p["num_classes"] or cat.num_classes
+        if p["num_classes"] and cat.num_classes is not None and cat.num_classes != p["num_classes"]:
+            raise DataError(f"dataset '{name}': {cat.description} has {cat.num_classes} classes but "
+                            f"num_classes is {p['num_classes']}")
+        labels = cat.labels[pos]
+        bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+        if bad.size:
+            raise DataError(f"dataset '{name}': sample {ids[bad[0]]} has label {labels[bad[0]]}, "
+                            f"outside 0..{num_classes - 1} (num_classes={num_classes})")
+    else:
+        num_classes = None
+        labels = np.full(n, -1, dtype=np.int64)
+    try:
+        shards = shard_assignment(n, int(p["shards"]))
+    except DataError as exc:
+        raise DataError(f"dataset '{name}': {exc}") from exc
+
+    info = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "role": role,
+        "kind": source.kind,
+        "backend": source.backend,
+        "n": n,
+        "num_classes": num_classes,
+        "shards": int(p["shards"]),
+        "image_size": size,
+        "channels": channels,
+        "seed": int(seed),
+        "source": source.resolved_spec(),
+        "description": cat.description,
+        "split": source.split,
+        "selection": {
+            "candidates": len(cat),
+            "random_split": random_split,
+            "test_fraction": float(p["test_fraction"]) if random_split else None,
+            "subsample": subsample,
+        },
+        "source_classes": cat.num_classes,
+        "class_names": cat.class_names,
+        "params": params,
+    }
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        write_manifest(tmp / MANIFEST, index, ids, labels, shards)
+        if source.backend == "array":
+            _write_images(tmp / IMAGES, source, index, size, channels, info)
+        with open(tmp / INFO, "w") as f:
+            json.dump(info, f, indent=2, sort_keys=False)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("prepared %s (%s, %s): %d samples in %d shards -> %s", name, role, source.kind, n,
+             info["shards"], out)
+    return info
+
+
+def _write_images(path: Path, source, index: np.ndarray, size: int, channels: int, info: dict) -> None:
+    """Read, convert and write the selected images chunk by chunk (memory ~ one chunk)."""
+    from ..store import ShardWriter
+
+    n = index.shape[0]
+    rows = _chunk_rows(size, channels)
+    attrs = {"dataset": info["name"], "role": info["role"], "kind": info["kind"]}
+    with ShardWriter(path, n, attrs=attrs, chunk_rows=rows) as w:
+        w.create("images", (n, size, size, channels), "uint8", chunks=(rows, size, size, channels))
+        for start in range(0, n, rows):
+            raw = source.read(index[start:start + rows])
+            w.write("images", start, resize_batch(convert_channels(raw, channels), size))
+
+
+def _run(args) -> None:
+    from ..runtime import set_threads
+
+    set_threads()
+    prepare_dataset(args.dataset, args.params, args.seed, args.out)
+
+
+def register(subparsers) -> None:
+    from ..cli import json_arg
+
+    p = subparsers.add_parser(
+        "prepare", help="prepare one dataset: manifest.csv, info.json, images.zarr",
+        description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", required=True, help="dataset name (id_train, id_test or an OOD name)")
+    p.add_argument("--params", type=json_arg, required=True,
+                   help='JSON object: {"role", "source": {"kind", ...}, "num_classes", "test_fraction", '
+                        '"train_subsample", "n", "shards", "image_size", "channels"}')
+    p.add_argument("--seed", type=int, default=0, help="seed for splits, subsets and crops")
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=_run)

@@ -1,0 +1,121 @@
+"""Atomic outputs of the subspace stage: Zarr v3 groups with one array per parameter block
+(bases, partial products) and small ``.npz`` files (statistics partial sums).
+
+Groups are written into a temporary sibling and renamed into place after the completion
+record of :mod:`gradspace.store` is written, so ``gradspace.store.open_store`` validates
+them and an interrupted job leaves nothing that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from ..errors import StoreError
+from ..store import FORMAT_KEY, FORMAT_VERSION, _tmp_sibling, open_store
+from .layout import ParamLayout
+
+
+@contextlib.contextmanager
+def atomic_group(path, attrs: dict | None = None):
+    """Yield a writable Zarr v3 group; rename it to ``path`` with a completion record on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+    try:
+        yield group
+        meta = dict(attrs or {})
+        meta.update(dict(group.attrs))
+        arrays = {k: list(group[k].shape) for k in group.array_keys()}
+        meta[FORMAT_KEY] = {"complete": True, "version": FORMAT_VERSION, "n": meta.get("n", 0),
+                            "arrays": arrays}
+        group.attrs.update(meta)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def put_array(group, name: str, values: np.ndarray, row_chunk: int = 1 << 16) -> None:
+    values = np.asarray(values)
+    chunks = (min(row_chunk, max(1, values.shape[0])),) + values.shape[1:] if values.ndim else ()
+    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, fill_value=0)
+    if values.size:
+        arr[...] = values
+
+
+def save_npz(path, **arrays) -> None:
+    """np.savez to a temporary sibling, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def load_npz(path, require=()) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"{path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+    except Exception as exc:  # noqa: BLE001 - numpy raises many types for broken files
+        raise StoreError(f"{path} is unreadable ({type(exc).__name__}: {exc})") from exc
+    for k in require:
+        if k not in out:
+            raise StoreError(f"{path} lacks '{k}' (has: {sorted(out)})")
+    return out
+
+
+def json_scalar(value) -> np.ndarray:
+    return np.array(json.dumps(value))
+
+
+def read_json_scalar(arr) -> dict:
+    return json.loads(str(np.asarray(arr)))
+
+
+# -- block-array groups -------------------------------------------------------------------
+
+def block_key(prefix: str, block: str) -> str:
+    return f"{prefix}.{block}"
+
+
+def write_blocks(group, prefix: str, blocks: dict[str, np.ndarray], dtype=None) -> None:
+    for b, arr in blocks.items():
+        put_array(group, block_key(prefix, b), arr if dtype is None else np.asarray(arr, dtype=dtype))
+
+
+def open_blocks(path, kind: str | tuple[str, ...] | None = None):
+    """Open a block group written by this stage; return (group, attrs, layout)."""
+    group = open_store(path)
+    attrs = dict(group.attrs)
+    kinds = (kind,) if isinstance(kind, str) else kind
+    if kinds and attrs.get("kind") not in kinds:
+        raise StoreError(f"{path}: expected a {' or '.join(kinds)} store, found kind "
+                         f"'{attrs.get('kind')}'")
+    if "layout" not in attrs:
+        raise StoreError(f"{path}: no parameter layout in its attributes")
+    return group, attrs, ParamLayout.from_dict(attrs["layout"])
+
+
+def read_block(group, prefix: str, block: str, path="") -> np.ndarray:
+    key = block_key(prefix, block)
+    if key not in group:
+        raise StoreError(f"{path or 'store'} has no array '{key}'")
+    return np.asarray(group[key][...])

@@ -1,0 +1,210 @@
+"""Parameter layout and parameter blocks of the gradient subspace.
+
+The flattened gradient ∇θE ∈ R^P follows the parameter order of
+``gradspace.grads.select_params`` (the model's ``named_parameters()`` order). The subspace
+V ∈ R^{P×K} is split into *parameter blocks*: named groups of parameters, each stored as
+its own P_b×K array, so that products and projections can run block by block and V never
+has to fit on one device (ResNet-50 at K = 1000 is 102 GB in fp32). Every product with V
+is a sum over blocks: G·V = Σ_b G_b·V_b, and Gᵀ·U splits into the rows Gᵀ_b·U.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import ConfigError, NumericalError
+
+
+def resolve_params(model, spec="all") -> dict:
+    """``{name: Parameter}`` for a parameter selection, through ``gradspace.grads.select_params``
+    (the same selection the gradient engine uses, so the layouts agree)."""
+    from ..grads.params import select_params
+
+    return select_params(model, spec)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "block"
+
+
+@dataclass
+class ParamLayout:
+    """Names/shapes of the selected parameters and their grouping into blocks.
+
+    ``offsets[i]`` is where parameter i starts in the flat gradient (engine order);
+    ``blocks`` is an ordered list of (block name, [parameter indices])."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    blocks: list[tuple[str, list[int]]]
+    sizes: list[int] = field(init=False)
+    offsets: list[int] = field(init=False)
+
+    def __post_init__(self):
+        self.shapes = [tuple(int(s) for s in sh) for sh in self.shapes]
+        self.sizes = [int(np.prod(sh, dtype=np.int64)) for sh in self.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int).tolist()[:-1]
+        seen = [i for _, idx in self.blocks for i in idx]
+        if sorted(seen) != list(range(len(self.names))):
+            raise ConfigError("parameter blocks must cover every selected parameter exactly once")
+        bnames = [b for b, _ in self.blocks]
+        if len(set(bnames)) != len(bnames):
+            raise ConfigError(f"duplicate parameter block names {bnames}")
+
+    # -- sizes ------------------------------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        return int(sum(self.sizes))
+
+    @property
+    def block_names(self) -> list[str]:
+        return [b for b, _ in self.blocks]
+
+    def block_params(self, block: str) -> list[int]:
+        for b, idx in self.blocks:
+            if b == block:
+                return idx
+        raise ConfigError(f"unknown parameter block '{block}'; blocks: {', '.join(self.block_names)}")
+
+    def block_size(self, block: str) -> int:
+        return int(sum(self.sizes[i] for i in self.block_params(block)))
+
+    def block_ranges(self, block: str) -> list[tuple[int, int]]:
+        """Flat (start, stop) ranges of the block's parameters in engine order."""
+        return [(self.offsets[i], self.offsets[i] + self.sizes[i]) for i in self.block_params(block)]
+
+    def check_blocks(self, blocks) -> list[str]:
+        if blocks is None or blocks == "all":
+            return self.block_names
+        if isinstance(blocks, str):
+            blocks = [b for b in blocks.split(",") if b]
+        for b in blocks:
+            self.block_params(b)
+        return list(blocks)
+
+    # -- flat vectors -----------------------------------------------------------------
+    def take(self, flat, block: str):
+        """Rows (or last-axis entries) of a flat P-vector / N×P matrix belonging to ``block``."""
+        parts = [flat[..., a:b] for a, b in self.block_ranges(block)]
+        if len(parts) == 1:
+            return parts[0]
+        try:
+            import torch
+
+            if isinstance(flat, torch.Tensor):
+                return torch.cat(parts, dim=-1)
+        except ImportError:  # pragma: no cover
+            pass
+        return np.concatenate(parts, axis=-1)
+
+    def locate(self, block: str, row: int) -> str:
+        """Human-readable position of row ``row`` of block ``block``: 'param[idx]'."""
+        for i in self.block_params(block):
+            if row < self.sizes[i]:
+                idx = np.unravel_index(row, self.shapes[i]) if self.shapes[i] else ()
+                return f"{self.names[i]}{list(int(j) for j in idx)}"
+            row -= self.sizes[i]
+        return f"{block}[{row}]"
+
+    def locate_flat(self, pos: int) -> str:
+        for i, (o, s) in enumerate(zip(self.offsets, self.sizes, strict=True)):
+            if o <= pos < o + s:
+                idx = np.unravel_index(pos - o, self.shapes[i]) if self.shapes[i] else ()
+                return f"{self.names[i]}{list(int(j) for j in idx)}"
+        return f"flat[{pos}]"
+
+    def check_finite(self, what: str, flat: np.ndarray, where: str = "") -> None:
+        """Raise NumericalError naming the first parameter (and element) with NaN/inf."""
+        flat = np.asarray(flat)
+        bad = ~np.isfinite(flat)
+        if bad.any():
+            pos = int(np.argwhere(bad.reshape(bad.shape[0], -1) if bad.ndim > 1 else bad)[0][-1])
+            raise NumericalError(
+                f"{what}{' in ' + where if where else ''}: {int(bad.sum())} non-finite value(s), "
+                f"first at parameter {self.locate_flat(pos)}")
+
+    # -- (de)serialization ------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"names": self.names, "shapes": [list(s) for s in self.shapes],
+                "blocks": [[b, idx] for b, idx in self.blocks]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> ParamLayout:
+        return cls(list(d["names"]), [tuple(s) for s in d["shapes"]],
+                   [(b, list(idx)) for b, idx in d["blocks"]])
+
+    def same_as(self, other: ParamLayout, where: str = "") -> None:
+        if self.names != other.names or self.shapes != other.shapes or self.blocks != other.blocks:
+            raise ConfigError(f"parameter layout mismatch{' (' + where + ')' if where else ''}: "
+                              "the inputs were computed for different parameter selections or blocks")
+
+
+def build_layout(model, params="all", blocks="stages") -> ParamLayout:
+    """Select parameters and group them into blocks.
+
+    ``blocks``: ``"single"`` (one block), ``"stages"`` (the model's named stages plus
+    ``head``; falls back to ``"top"`` for models without stages), ``"top"`` (first
+    component of the parameter name, after a wrapper's ``net.`` prefix),
+    ``{"max_params": n}`` (consecutive parameters grouped up to n entries per block, a byte
+    budget of 4·n·K bytes for V), or ``{"blocks": {name: [name prefixes]}}``."""
+    sel = resolve_params(model, params)
+    names = list(sel)
+    shapes = [tuple(p.shape) for p in sel.values()]
+    return ParamLayout(names, shapes, group_blocks(model, names, shapes, blocks))
+
+
+def group_blocks(model, names, shapes, spec) -> list[tuple[str, list[int]]]:
+    sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+    groups: dict[str, list[int]] = {}
+    if spec in (None, "single"):
+        return [("all", list(range(len(names))))]
+    if spec == "stages" and hasattr(model, "stage_names") and hasattr(model, "stage_parameters"):
+        owner = {}
+        for st in model.stage_names:
+            for pname in model.stage_parameters(st):
+                owner.setdefault(pname, st)
+        if hasattr(model, "head_parameters"):
+            for pname in model.head_parameters():
+                owner.setdefault(pname, "head")
+        for i, n in enumerate(names):
+            groups.setdefault(owner.get(n, "other"), []).append(i)
+    elif spec in ("stages", "top"):
+        for i, n in enumerate(names):
+            parts = n.split(".")
+            if parts[0] == "net" and len(parts) > 2:
+                parts = parts[1:]
+            groups.setdefault(parts[0] if len(parts) > 1 else "params", []).append(i)
+    elif isinstance(spec, Mapping) and "max_params" in spec:
+        budget = int(spec["max_params"])
+        if budget <= 0:
+            raise ConfigError(f"subspace.blocks.max_params must be positive, got {budget}")
+        cur, total, k = [], 0, 0
+        for i, s in enumerate(sizes):
+            if cur and total + s > budget:
+                groups[f"part{k:03d}"] = cur
+                cur, total, k = [], 0, k + 1
+            cur.append(i)
+            total += s
+        if cur:
+            groups[f"part{k:03d}"] = cur
+    elif isinstance(spec, Mapping) and "blocks" in spec:
+        for bname, prefixes in dict(spec["blocks"]).items():
+            groups[bname] = [i for i, n in enumerate(names)
+                             if any(n == p or n.startswith(p + ".") for p in prefixes)]
+        covered = [i for v in groups.values() for i in v]
+        missing = [names[i] for i in range(len(names)) if i not in covered]
+        if missing or len(covered) != len(set(covered)):
+            raise ConfigError(f"subspace.blocks: explicit blocks must cover every parameter once "
+                              f"(uncovered: {missing[:5]})")
+    else:
+        raise ConfigError(f"subspace.blocks: unknown block spec {spec!r}; expected 'single', 'stages', "
+                          "'top', {'max_params': n} or {'blocks': {name: [prefixes]}}")
+    out = []
+    for j, (b, idx) in enumerate(groups.items()):
+        if idx:
+            out.append((f"{j:02d}_{_safe(b)}", sorted(idx)))
+    return out
