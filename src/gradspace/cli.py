@@ -39,6 +39,32 @@ def json_arg(text: str) -> dict:
     return value
 
 
+RUNTIME_ENV = "GRADSPACE_RUNTIME"
+RUNTIME_KEYS = ("device", "batch_size", "num_workers")
+
+
+def _merge_runtime_settings(args) -> None:
+    """Fill device/batch_size/num_workers into --params/--compute from $GRADSPACE_RUNTIME.
+
+    These settings change how fast a job runs, not what it writes, so the workflow
+    hands them over through the environment rather than as rule params: changing them
+    must not make Snakemake rerun finished jobs. Explicit values on the command line win.
+    """
+    raw = os.environ.get(RUNTIME_ENV)
+    if not raw:
+        return
+    try:
+        runtime = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: ${RUNTIME_ENV} is not valid JSON: {exc}") from exc
+    for attr in ("params", "compute"):
+        value = getattr(args, attr, None)
+        if isinstance(value, dict):
+            for key in RUNTIME_KEYS:
+                if key in runtime and key not in value:
+                    value[key] = runtime[key]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
@@ -66,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         from .runtime import set_threads
 
         set_threads()
+    _merge_runtime_settings(args)
     try:
         args.func(args)
     except GradspaceError as exc:

@@ -37,7 +37,8 @@ Snakemake benchmark files (``--benchmarks``) are TSV with the header
 (max_* in MB). The job name is the file path relative to the common directory of all
 benchmark files without ``.tsv``; the rule is the first component of that path (the
 file stem when the files share one directory). Repeated measurements (several rows)
-are averaged (s, cpu_time, mean_load) or maximised (max_rss).
+are averaged (s, cpu_time, mean_load) or maximised (max_rss). Empty files (no
+measurement row) are skipped with a warning; a file without an ``s`` column is an error.
 """
 
 from __future__ import annotations
@@ -247,11 +248,17 @@ def read_benchmarks(paths: Sequence[str | os.PathLike]):
             df = pd.read_csv(p, sep="\t", na_values=["-", "NA", ""])
         except FileNotFoundError as exc:
             raise DataError(f"benchmark file '{p}' does not exist") from exc
-        except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        except pd.errors.EmptyDataError:
+            log.warning("benchmark file '%s' is empty: skipped", p)
+            continue
+        except pd.errors.ParserError as exc:
             raise DataError(f"benchmark file '{p}' is not a Snakemake benchmark TSV: {exc}") from exc
-        if "s" not in df.columns or len(df) == 0:
+        if "s" not in df.columns:
             raise DataError(f"benchmark file '{p}': expected a Snakemake benchmark TSV with a "
-                            f"'s' column and at least one row (columns: {list(df.columns)})")
+                            f"'s' column (columns: {list(df.columns)})")
+        if len(df) == 0:
+            log.warning("benchmark file '%s' has no measurement rows: skipped", p)
+            continue
         rel = p.resolve().relative_to(root).with_suffix("")
         job = rel.as_posix()
         rule = rel.parts[0] if len(rel.parts) > 1 else rel.name
@@ -265,6 +272,8 @@ def read_benchmarks(paths: Sequence[str | os.PathLike]):
         jobs.append({"job": job, "rule": rule, "runs": len(df), "s": num("s", "mean"),
                      "max_rss": num("max_rss", "max"), "cpu_time": num("cpu_time", "mean"),
                      "mean_load": num("mean_load", "mean")})
+    if not jobs:
+        return None, None
     jobs_df = pd.DataFrame(jobs).sort_values(["rule", "job"], kind="stable").reset_index(drop=True)
     rules_df = (jobs_df.groupby("rule", sort=True)
                 .agg(jobs=("job", "count"), total_s=("s", "sum"), max_s=("s", "max"),
@@ -377,11 +386,12 @@ def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
 
 
 def histogram_figure(title: str, id_scores: np.ndarray, oods: Mapping[str, np.ndarray],
-                     id_name: str, bins: int = 50) -> bytes:
+                     id_name: str, bins: int | None = None) -> bytes:
     """ID vs OOD score densities, one panel per OOD set, shared bins per panel.
 
-    The bin range is the 0.5-99.5 percentile range of ID and OOD scores together, so a
-    few extreme scores do not squash the plot (values outside land in the edge bins).
+    ``bins`` defaults to sqrt(min(n_ID, n_OOD)) clipped to [10, 60]. The bin range is the
+    0.5-99.5 percentile range of ID and OOD scores together, so a few extreme scores do
+    not squash the plot (values outside are clipped into the edge bins).
     """
     rows, cols = _grid(len(oods))
     fig = _new_figure(3.2 * cols, 2.5 * rows)
@@ -391,7 +401,8 @@ def histogram_figure(title: str, id_scores: np.ndarray, oods: Mapping[str, np.nd
         lo, hi = np.percentile(both, [0.5, 99.5])
         if not hi > lo:
             lo, hi = float(both.min()) - 0.5, float(both.max()) + 0.5
-        edges = np.linspace(lo, hi, bins + 1)
+        n_bins = bins or int(np.clip(np.sqrt(min(id_scores.size, s_ood.size)), 10, 60))
+        edges = np.linspace(lo, hi, n_bins + 1)
         ax.hist(np.clip(id_scores, lo, hi), bins=edges, density=True, alpha=0.55,
                 color="tab:blue", label=f"{id_name} (ID)")
         ax.hist(np.clip(s_ood, lo, hi), bins=edges, density=True, alpha=0.55,

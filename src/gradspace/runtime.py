@@ -73,3 +73,19 @@ def hardware_description(device=None) -> str:
 
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def pause_point(name: str) -> None:
+    """Fault-injection hook for the resume tests.
+
+    When ``$GRADSPACE_PAUSE_AT`` equals ``name``, the job touches
+    ``$GRADSPACE_PAUSE_MARKER`` (if set) and sleeps, so a test can kill it at a known
+    point in the middle of writing its output. It does nothing otherwise.
+    """
+    if os.environ.get("GRADSPACE_PAUSE_AT") != name:
+        return
+    marker = os.environ.get("GRADSPACE_PAUSE_MARKER")
+    if marker:
+        with open(marker, "a") as fh:
+            fh.write(f"{name} {os.getpid()}\n")
+    time.sleep(float(os.environ.get("GRADSPACE_PAUSE_SECONDS", "120")))

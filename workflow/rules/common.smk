@@ -4,6 +4,7 @@
 # exactly the invalidated jobs.
 
 import json
+import os
 import shlex
 
 from gradspace import __version__ as GRADSPACE_VERSION
@@ -77,17 +78,20 @@ def prepare_params(dataset):
             "train_subsample": None, "n": n, **common}
 
 
+# Settings that change how fast a job runs but not what it writes (device, batch size,
+# data-loader workers) reach the CLI through $GRADSPACE_RUNTIME instead of rule params,
+# so changing them never reruns finished jobs. Every job (local or on SLURM) parses this
+# file again, so the variable is set wherever a job runs.
+os.environ["GRADSPACE_RUNTIME"] = json.dumps(
+    {k: config["compute"][k] for k in ("device", "batch_size", "num_workers")}
+)
+
+
 def compute_params():
+    """Settings that change outputs: numeric precision and input normalization."""
     c = config["compute"]
     d = config["data"]
-    return {
-        "batch_size": c["batch_size"],
-        "num_workers": c["num_workers"],
-        "device": c["device"],
-        "precision": c["precision"],
-        "mean": d["mean"],
-        "std": d["std"],
-    }
+    return {"precision": c["precision"], "mean": d["mean"], "std": d["std"]}
 
 
 def model_params():

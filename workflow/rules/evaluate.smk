@@ -19,6 +19,7 @@ rule evaluate:
     params:
         detectors=detector_table_json(),
         positive=config["metrics"]["positive"],
+        ood=" ".join(OOD_SETS),
     log:
         f"{LOGS}/evaluate.log",
     benchmark:
@@ -27,7 +28,7 @@ rule evaluate:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 15 * attempt,
     shell:
-        "gradspace evaluate --scores {input.scores} --id-dataset id_test "
+        "gradspace evaluate --scores {input.scores} --id-dataset id_test --ood-datasets {params.ood} "
         "--detectors {params.detectors} --card {input.card} --positive {params.positive} "
         "--out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
 

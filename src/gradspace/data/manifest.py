@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from ..errors import DataError
 
@@ -42,7 +46,7 @@ def write_manifest(path: Path, index, ids, labels, shards) -> None:
     df.to_csv(path, index=False)
 
 
-def read_manifest(data_dir) -> "pd.DataFrame":  # noqa: F821
+def read_manifest(data_dir) -> pd.DataFrame:
     """Read ``manifest.csv`` with fixed dtypes; DataError naming the file when broken."""
     import pandas as pd
 

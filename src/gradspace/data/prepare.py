@@ -130,6 +130,10 @@ def prepare_dataset(name: str, params: dict, seed: int, out) -> dict:
     if source.generates_n:
         source.n = p["n"]
     cat = source.catalog()
+    if role in ID_ROLES and p["num_classes"] and cat.num_classes is not None \
+            and cat.num_classes != p["num_classes"]:
+        raise DataError(f"dataset '{name}': {cat.description} has {cat.num_classes} classes but "
+                        f"num_classes is {p['num_classes']}")
 
     random_split = role in ID_ROLES and not source.natural_split
     subsample = p["train_subsample"] if role == "id_train" else (None if source.generates_n else p["n"])
@@ -142,9 +146,6 @@ def prepare_dataset(name: str, params: dict, seed: int, out) -> dict:
     index, ids = cat.index[pos], cat.ids[pos]
     if role in ID_ROLES:
         num_classes = p["num_classes"] or cat.num_classes
-        if p["num_classes"] and cat.num_classes is not None and cat.num_classes != p["num_classes"]:
-            raise DataError(f"dataset '{name}': {cat.description} has {cat.num_classes} classes but "
-                            f"num_classes is {p['num_classes']}")
         labels = cat.labels[pos]
         bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
         if bad.size:

@@ -2,8 +2,11 @@
 save its state, and score a dataset with it.
 
 Fitted detectors are ``.npz`` files: one array per state entry (``state.<key>``) plus
-``meta``, a JSON string {method, name, hparams, embedding, arrays, format}. ``arrays``
-maps the detector's array names (logits, features, labels, preds) to the store arrays
+``meta``, a JSON string {method, name, hparams, space, embedding, arrays, format}.
+``space`` is the results sub-folder (feature | pca | ag); ``embedding`` is the
+metrics.csv column: the detector class's own (``feature`` or ``gradient``) in the
+feature space, ``gradient`` in the reduced-gradient spaces, unless ``--embedding``. ``arrays``
+maps the detector's array names (``requires``: logits, features, labels, ...) to the store arrays
 they are read from (identity unless ``--map`` renamed them), so score reads what fit read.
 
 Array detectors are scored chunk by chunk over the shard stores (memory bounded by
@@ -57,10 +60,13 @@ def save_scores(path, scores: np.ndarray) -> None:
     _atomic_write(path, lambda fh: np.save(fh, scores))
 
 
-def save_fitted(path, det: Detector, name: str, embedding: str, arrays: dict[str, str]) -> None:
+def save_fitted(path, det: Detector, name: str, space: str, arrays: dict[str, str],
+                embedding: str | None = None) -> None:
     """Save a fitted detector (state arrays + JSON meta) atomically as .npz."""
+    if embedding is None:
+        embedding = det.embedding if space == "feature" else "gradient"
     meta = {"format": FORMAT, "method": det.method, "name": name, "hparams": det.hparams,
-            "embedding": embedding, "arrays": arrays}
+            "space": space, "embedding": embedding, "arrays": arrays}
     payload = {f"state.{k}": np.asarray(v) for k, v in det.state_dict().items()}
     for k, v in payload.items():
         if v.dtype == object:
@@ -187,22 +193,24 @@ def _model_context(model_path, seed: int) -> FitContext:
 
 def fit_detector(method: str, hparams: dict, train, out, *, name: str | None = None,
                  space: str = "feature", model_path=None, seed: int = 0,
-                 mapping: dict[str, str] | None = None, rows: int = DEFAULT_ROWS) -> Detector:
+                 mapping: dict[str, str] | None = None, rows: int = DEFAULT_ROWS,
+                 embedding: str | None = None) -> Detector:
     """Build, fit and save one detector instance; returns the fitted detector."""
     from ..runtime import Timer, seed_everything
 
     seed_everything(seed)
     det = build_detector(method, hparams)
     mapping = dict(mapping or {})
-    unknown = set(mapping) - {"logits", "features", "labels", "preds"}
+    usable = {r for r in det.requires if r != "model"}
+    unknown = set(mapping) - usable
     if unknown:
-        raise ConfigError(f"--map: unknown detector array name(s) {sorted(unknown)}; "
-                          f"known: features, labels, logits, preds")
+        raise ConfigError(f"--map: detector '{method}' reads no array named {sorted(unknown)}; "
+                          f"it reads {sorted(usable)}")
     needed = [r for r in det.requires if r != "model"]
     ctx = _model_context(model_path, seed)
     timer = Timer()
     with timer("fit"):
-        if needed:
+        if needed and det.needs_fit:
             if not train:
                 raise ConfigError(f"detector '{method}' needs ID-train stores (--train) with "
                                   f"arrays {needed}")
@@ -212,7 +220,7 @@ def fit_detector(method: str, hparams: dict, train, out, *, name: str | None = N
     arrays = {n: mapping.get(n, n) for n in det.requires if n != "model"}
     if hasattr(det, "score_requires"):
         arrays = {n: mapping.get(n, n) for n in det.score_requires}
-    save_fitted(out, det, name or method, space, arrays)
+    save_fitted(out, det, name or method, space, arrays, embedding)
     log.info("fitted %s (%s) in %.2fs -> %s", name or method, method, timer.totals["fit"], out)
     return det
 
@@ -318,7 +326,8 @@ def _cmd_fit(args) -> None:
 
     set_threads()
     fit_detector(args.method, args.params, args.train, args.out, name=args.name, space=args.space,
-                 model_path=args.model, seed=args.seed, mapping=parse_map(args.map), rows=args.rows)
+                 model_path=args.model, seed=args.seed, mapping=parse_map(args.map), rows=args.rows,
+                 embedding=args.embedding)
 
 
 def _cmd_score(args) -> None:
@@ -337,7 +346,10 @@ def register(subparsers) -> None:
     p.add_argument("--method", required=True, help="detector registry key (e.g. energy, knn)")
     p.add_argument("--name", default=None, help="instance name recorded in the output (default: method)")
     p.add_argument("--params", type=json_arg, default={}, help="detector hyperparameters (JSON object)")
-    p.add_argument("--space", default="feature", help="embedding space recorded with the detector")
+    p.add_argument("--space", default="feature", help="space recorded with the detector: feature|pca|ag")
+    p.add_argument("--embedding", default=None,
+                   help="metrics 'embedding' label (default: the detector's own in the feature space, "
+                        "'gradient' otherwise)")
     p.add_argument("--train", nargs="*", default=[], metavar="STORE", help="ID-train shard stores")
     p.add_argument("--model", default=None, help="model checkpoint (head weights; BATS BN parameters)")
     p.add_argument("--seed", type=int, default=0)

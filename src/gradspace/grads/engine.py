@@ -204,10 +204,10 @@ class GradientEngine:
                 p.requires_grad_(r)
 
     def _loss(self, logits, target):
-        return losses.loss_value(self.loss, logits.float(), self.temperature, target)
+        return losses.loss_value(self.loss, _full(logits), self.temperature, target)
 
     def _flatten(self, per_param: dict[str, torch.Tensor], n: int) -> torch.Tensor:
-        return torch.cat([per_param[k].reshape(n, -1).float() for k in self.param_names], dim=1)
+        return torch.cat([_full(per_param[k]).reshape(n, -1) for k in self.param_names], dim=1)
 
     def _chunk(self, x: torch.Tensor, target):
         x = x.to(self.device, non_blocking=True)
@@ -220,9 +220,9 @@ class GradientEngine:
     def _chunk_closed_form(self, x, target):
         _, head = find_head(self.model)
         with torch.no_grad():
-            h = self.model.forward_features(x).flatten(1).float()
-            logits = torch.nn.functional.linear(h, head.weight.float(),
-                                                None if head.bias is None else head.bias.float())
+            h = _full(self.model.forward_features(x).flatten(1))
+            logits = torch.nn.functional.linear(h, head.weight.to(h.dtype),
+                                                None if head.bias is None else head.bias.to(h.dtype))
             delta = losses.logit_grad(self.loss, logits, self.temperature, target)  # N×C
         per = {}
         for name, p in self.selected.items():
@@ -245,13 +245,13 @@ class GradientEngine:
             return self._loss(out, ti.unsqueeze(0)).sum(), out.squeeze(0).detach()
 
         g, logits = vmap(grad(per_sample, has_aux=True), in_dims=(None, 0, 0))(sel, x, target)
-        return self._flatten(g, x.shape[0]), logits.float()
+        return self._flatten(g, x.shape[0]), _full(logits)
 
     def _chunk_hooks(self, x, target):
         with self._requires_grad():
             per, logits = hook_gradients(self.model, self._hook_plan, x,
                                          lambda lg: self._loss(lg, target))
-        return self._flatten(per, x.shape[0]), logits.float()
+        return self._flatten(per, x.shape[0]), _full(logits)
 
     def _chunk_loop(self, x, target):
         params = list(self.selected.values())
@@ -261,12 +261,17 @@ class GradientEngine:
                 out = self.model(x[i:i + 1])
                 t = None if target is None else target[i:i + 1]
                 gs = torch.autograd.grad(self._loss(out, t).sum(), params, allow_unused=True)
-                rows.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1).float()
+                rows.append(torch.cat([_full(torch.zeros_like(p) if gi is None else gi).reshape(-1)
                                        for gi, p in zip(gs, params, strict=True)]))
-                logits.append(out.detach().float())
+                logits.append(_full(out.detach()))
         if not rows:
             return torch.zeros(0, self.num_params, device=self.device), torch.zeros(0, 0)
         return torch.stack(rows), torch.cat(logits)
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision results (bf16 autocast) are returned in fp32; fp32/fp64 unchanged."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 __all__ = ["GradientEngine", "HookUnsupported", "STRATEGIES"]

@@ -40,6 +40,11 @@ def check_loss(name: str) -> str:
     return name
 
 
+def _one_hot(labels: torch.Tensor, C: int, dtype) -> torch.Tensor:
+    """One-hot encoding by comparison (works under torch.func.vmap, unlike F.one_hot)."""
+    return (labels.unsqueeze(-1) == torch.arange(C, device=labels.device)).to(dtype)
+
+
 def _one_hot_mean(target: torch.Tensor, shape: torch.Size, dtype) -> torch.Tensor:
     """Empirical distribution of the labels ``target`` (…, or …×K) over C classes."""
     C = shape[-1]
@@ -48,7 +53,7 @@ def _one_hot_mean(target: torch.Tensor, shape: torch.Size, dtype) -> torch.Tenso
     t = target.long()
     if t.dim() == len(shape) - 1:
         t = t.unsqueeze(-1)
-    return torch.nn.functional.one_hot(t, C).to(dtype).mean(dim=-2)
+    return _one_hot(t, C, dtype).mean(dim=-2)
 
 
 def target_distribution(name: str, logits: torch.Tensor, temperature: float = 1.0,
@@ -60,7 +65,7 @@ def target_distribution(name: str, logits: torch.Tensor, temperature: float = 1.
     if name == "kl_uniform":
         return torch.full_like(logits, 1.0 / C)
     if name == "ce_pred":
-        return torch.nn.functional.one_hot(logits.argmax(dim=-1), C).to(logits.dtype)
+        return _one_hot(logits.argmax(dim=-1), C, logits.dtype)
     if name == "ce_label":
         return _one_hot_mean(target, logits.shape, logits.dtype)
     if name == "ce_pred_dist":

@@ -45,9 +45,15 @@ def atomic_group(path, attrs: dict | None = None):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def put_array(group, name: str, values: np.ndarray, row_chunk: int = 1 << 16) -> None:
+def put_array(group, name: str, values: np.ndarray, chunk_bytes: int = 1 << 25) -> None:
+    """Create and fill an array; row chunks of about ``chunk_bytes`` (32 MiB)."""
     values = np.asarray(values)
-    chunks = (min(row_chunk, max(1, values.shape[0])),) + values.shape[1:] if values.ndim else ()
+    if values.ndim:
+        row_bytes = max(1, int(np.prod(values.shape[1:], dtype=np.int64)) * values.itemsize)
+        rows = min(max(1, values.shape[0]), max(1, chunk_bytes // row_bytes))
+        chunks = (rows,) + values.shape[1:]
+    else:
+        chunks = ()
     arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, fill_value=0)
     if values.size:
         arr[...] = values

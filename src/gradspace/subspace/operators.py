@@ -1,0 +1,207 @@
+"""The two interchangeable operators behind the PCA power iteration, the AG subspace and the
+projection (low-dimensional gradient paper, Appendix A, Alg. 3–4).
+
+Both implement products with the normalized, centred per-sample gradient matrix of a batch,
+
+    G = (g − m) diag(s),   g_i = ∇θE(x_i),  E = −T·logsumexp(f/T)   (N×P, never stored whole),
+
+for one or more parameter blocks b (G = [G_b]):
+
+    gv(x, V)       = Σ_b G_b V_b                            (N×K, Alg. 3)
+    gtu(x, U, bs)  = {b: G_bᵀ U}                            (P_b×K, Alg. 4)
+
+``jvp_vjp`` (the paper's matrix-free way). The normalization folds into the directions:
+G_b v = (∇_b E)·(s_b ⊙ v) − m_bᵀ(s_b ⊙ v), so one ``torch.func.jvp`` of the batch energy
+along the tangent s_b ⊙ v gives the first term for every sample at once; ``vmap`` runs the
+K directions together. Gᵀu = s ⊙ (Σ_i u_i g_i − m Σ_i u_i) and Σ_i u_i g_i = ∇θ Σ_i u_i E_i
+is one ``torch.func.vjp`` with cotangent u, vmapped over the K columns of U. BatchNorm runs
+in eval mode so that E_i depends on x_i only.
+
+``persample``: per-sample gradient chunks from ``gradspace.grads.GradientEngine`` (N×P),
+normalized, then two matrix products G·V and Gᵀ·U.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, jvp, vjp, vmap
+
+from ..errors import ConfigError
+from .layout import ParamLayout
+from .stats import GradStats
+
+METHODS = ("jvp_vjp", "persample")
+
+
+def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """E(x) = −T·logsumexp(f(x)/T) (eq. 1 with temperature)."""
+    return -temperature * torch.logsumexp(logits / temperature, dim=-1)
+
+
+def make_engine(model, params="all", temperature: float = 1.0, chunk_size: int = 64,
+                strategy: str = "auto"):
+    """Per-sample energy-gradient engine of ``gradspace.grads``."""
+    from ..grads import GradientEngine
+
+    return GradientEngine(model, params=params, loss="energy", temperature=temperature,
+                          strategy=strategy, chunk_size=chunk_size)
+
+
+class _Base:
+    method = ""
+
+    def __init__(self, model, layout: ParamLayout, stats: GradStats | None, temperature: float = 1.0,
+                 device=None):
+        self.model = model.eval()
+        self.layout = layout
+        self.stats = stats
+        self.temperature = float(temperature)
+        self.device = device if device is not None else next(model.parameters()).device
+        if stats is not None:
+            layout.same_as(stats.layout, "gradient statistics vs. model parameter selection")
+        self._ms: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def norm(self, block: str):
+        """(m_b, s_b) on the device; zeros/ones without statistics (raw gradients)."""
+        if block not in self._ms:
+            if self.stats is None:
+                P = self.layout.block_size(block)
+                self._ms[block] = (torch.zeros(P, device=self.device), torch.ones(P, device=self.device))
+            else:
+                self._ms[block] = self.stats.block(block, device=self.device)
+        return self._ms[block]
+
+    def gtgv(self, x, V: dict, blocks_out=None):
+        """(U = G·V, {b: G_bᵀ U}) for one batch."""
+        U = self.gv(x, V)
+        return U, self.gtu(x, U, blocks_out)
+
+
+class JvpVjpOperator(_Base):
+    """Matrix-free products by forward- and reverse-mode AD (paper Alg. 3–4)."""
+
+    method = "jvp_vjp"
+
+    def __init__(self, model, layout, stats, temperature=1.0, device=None, direction_chunk: int = 64):
+        super().__init__(model, layout, stats, temperature, device)
+        self.direction_chunk = max(1, int(direction_chunk))
+        self._params = {n: p.detach() for n, p in model.named_parameters()}
+        self._buffers = {n: b.detach() for n, b in model.named_buffers()}
+        missing = [n for n in layout.names if n not in self._params]
+        if missing:
+            raise ConfigError(f"parameters {missing[:3]} of the layout are not in the model")
+
+    def _energy_of(self, names, x):
+        params, buffers, model, T = self._params, self._buffers, self.model, self.temperature
+
+        def f(*tensors):
+            p = dict(params)
+            p.update(zip(names, tensors, strict=True))
+            return energy(functional_call(model, (p, buffers), (x,)), T)
+
+        return f
+
+    def _names(self, blocks):
+        idx = [i for b in blocks for i in self.layout.block_params(b)]
+        return [self.layout.names[i] for i in idx], [self.layout.shapes[i] for i in idx], \
+            [self.layout.sizes[i] for i in idx]
+
+    def gv(self, x, V: dict) -> torch.Tensor:
+        blocks = list(V)
+        names, shapes, sizes = self._names(blocks)
+        primals = tuple(self._params[n] for n in names)
+        f = self._energy_of(names, x)
+        K = next(iter(V.values())).shape[1]
+        out = torch.empty(x.shape[0], K, device=self.device)
+
+        def along(*tangents):
+            return jvp(f, primals, tangents)[1]
+
+        for c0 in range(0, K, self.direction_chunk):
+            c1 = min(K, c0 + self.direction_chunk)
+            flat, mean_term = [], 0.0
+            for b in blocks:
+                m, s = self.norm(b)
+                t = s[:, None] * V[b][:, c0:c1].to(self.device, torch.float32)   # P_b×k
+                mean_term = mean_term + m @ t
+                flat.append(t)
+            flat = torch.cat(flat, 0).T.contiguous()                                # k×P
+            tangents = tuple(piece.reshape((c1 - c0,) + sh)
+                             for piece, sh in zip(torch.split(flat, sizes, dim=1), shapes, strict=True))
+            out[:, c0:c1] = (vmap(along)(*tangents) - mean_term[:, None]).T
+        return out
+
+    def gtu(self, x, U: torch.Tensor, blocks=None) -> dict:
+        blocks = self.layout.check_blocks(blocks)
+        names, _, sizes = self._names(blocks)
+        primals = tuple(self._params[n] for n in names)
+        _, pullback = vjp(self._energy_of(names, x), *primals)
+        U = U.to(self.device, torch.float32)
+        K = U.shape[1]
+        bsizes = [self.layout.block_size(b) for b in blocks]
+        out = {b: torch.empty(P, K, device=self.device) for b, P in zip(blocks, bsizes, strict=True)}
+        for c0 in range(0, K, self.direction_chunk):
+            c1 = min(K, c0 + self.direction_chunk)
+            grads = vmap(pullback)(U[:, c0:c1].T.contiguous())                     # k×param each
+            raw = torch.cat([g.reshape(c1 - c0, -1) for g in grads], 1).T           # P×k: Σ_i u_i g_i
+            usum = U[:, c0:c1].sum(0)
+            for b, piece in zip(blocks, torch.split(raw, bsizes, dim=0), strict=True):
+                m, s = self.norm(b)
+                out[b][:, c0:c1] = s[:, None] * (piece - m[:, None] * usum[None, :])
+        return out
+
+
+class PerSampleOperator(_Base):
+    """Explicit per-sample gradient chunks (N×P) from the gradient engine, then matmuls."""
+
+    method = "persample"
+
+    def __init__(self, model, layout, stats, temperature=1.0, device=None, engine=None,
+                 params="all", chunk_size: int = 64, strategy: str = "auto"):
+        super().__init__(model, layout, stats, temperature, device)
+        self.engine = engine if engine is not None else make_engine(model, params, temperature,
+                                                                    chunk_size, strategy)
+        names = list(getattr(self.engine, "param_names", layout.names))
+        if names != layout.names:
+            raise ConfigError("gradient engine parameter order differs from the subspace layout "
+                              f"(engine {names[:3]}..., layout {layout.names[:3]}...)")
+        self._cache = None
+
+    def gradients(self, x, timer=None) -> torch.Tensor:
+        """Normalized gradients G (N×P) for a batch; the last batch is cached for gv→gtu."""
+        if self._cache is not None and self._cache[0] is x:
+            return self._cache[1]
+        if timer is not None:
+            with timer("gradient", self.device):
+                g = self.engine.batch(x)
+        else:
+            g = self.engine.batch(x)
+        g = g.to(self.device, torch.float32)
+        if self.stats is not None:
+            m, s = self.stats.full(device=self.device)
+            g = (g - m) * s
+        self._cache = (x, g)
+        return g
+
+    def gv(self, x, V: dict) -> torch.Tensor:
+        G = self.gradients(x)
+        out = None
+        for b, Vb in V.items():
+            part = self.layout.take(G, b) @ Vb.to(self.device, torch.float32)
+            out = part if out is None else out + part
+        return out
+
+    def gtu(self, x, U: torch.Tensor, blocks=None) -> dict:
+        G = self.gradients(x)
+        U = U.to(self.device, torch.float32)
+        return {b: self.layout.take(G, b).T @ U for b in self.layout.check_blocks(blocks)}
+
+
+def make_operator(method: str, model, layout, stats, temperature=1.0, device=None, engine=None,
+                  params="all", chunk_size: int = 64, direction_chunk: int = 64, strategy: str = "auto"):
+    if method == "jvp_vjp":
+        return JvpVjpOperator(model, layout, stats, temperature, device, direction_chunk)
+    if method == "persample":
+        return PerSampleOperator(model, layout, stats, temperature, device, engine, params, chunk_size,
+                                 strategy)
+    raise ConfigError(f"subspace.method must be one of {METHODS}, got {method!r}")

@@ -1,0 +1,183 @@
+"""Normalization statistics of the energy gradient (low-dimensional gradient paper, §3.2).
+
+With E(x) = −T·logsumexp(f(x)/T) (eq. 1) and g(x) = ∇θE(x) ∈ R^P over the ID-train set:
+
+    M = E[g]              (mean),
+    diag(I) = E[g ⊙ g]    (diagonal of I = E[g gᵀ], the "variance matrix" of eq. 3),
+    G(x) = diag(I)^(-1/2) (g(x) − M).
+
+Each ID-train shard contributes partial sums (count, Σg, Σg²) in float64; one reduce rule
+adds them and forms M and the scale s = diag(I)^(-1/2). Options:
+
+- ``mean: false`` drops the centring (m = 0);
+- ``scale``: ``second_moment`` (diag(I) = E[g²], default), ``variance`` (E[g²] − M²), or
+  ``none`` (s = 1; the paper's choice for MobileNet-v2/DenseNet-121, whose diag(I) had
+  zero entries that made G infinite);
+- ``var_floor``: entries of diag(I) below ``var_floor``·mean(diag(I)) are raised to it.
+  With ``var_floor: 0`` a zero entry is an error that names the parameter.
+
+NaN or inf in a partial sum or in the resulting M and s raise NumericalError naming the
+parameter and element. The stats also record tr(C)/N = Σ_p s_p² E[(g_p − m_p)²], the
+total variance of G, from which the captured-variance diagnostics of the PCA follow
+without another pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError, NumericalError, StoreError
+from ..store import ShardWriter, open_store
+from .io import json_scalar, load_npz, read_json_scalar, save_npz
+from .layout import ParamLayout
+
+SCALES = ("second_moment", "variance", "none")
+DEFAULT_NORMALIZE = {"mean": True, "scale": "second_moment", "var_floor": 1.0e-8}
+
+
+def normalize_options(opts: dict | None) -> dict:
+    opts = {**DEFAULT_NORMALIZE, **dict(opts or {})}
+    unknown = set(opts) - set(DEFAULT_NORMALIZE)
+    if unknown:
+        raise ConfigError(f"subspace.normalize: unknown key(s) {sorted(unknown)}; "
+                          f"known: {sorted(DEFAULT_NORMALIZE)}")
+    if opts["scale"] not in SCALES:
+        raise ConfigError(f"subspace.normalize.scale must be one of {SCALES}, got {opts['scale']!r}")
+    if float(opts["var_floor"]) < 0:
+        raise ConfigError("subspace.normalize.var_floor must be >= 0")
+    opts["mean"] = bool(opts["mean"])
+    opts["var_floor"] = float(opts["var_floor"])
+    return opts
+
+
+@dataclass
+class GradStats:
+    """m (P), s (P) such that G = s ⊙ (g − m), in the flat engine order of ``layout``."""
+
+    layout: ParamLayout
+    mean: np.ndarray          # m: M, or zeros when the centring is dropped
+    scale: np.ndarray         # s: diag(I)^(-1/2) after the floor, or ones
+    count: int
+    total_variance: float     # tr(C)/N = E‖G‖²
+    options: dict
+
+    def block(self, block: str, device=None, dtype=None):
+        """(m_b, s_b) as torch tensors for one parameter block."""
+        import torch
+
+        dtype = dtype or torch.float32
+        m = torch.as_tensor(np.ascontiguousarray(self.layout.take(self.mean, block)), dtype=dtype,
+                            device=device)
+        s = torch.as_tensor(np.ascontiguousarray(self.layout.take(self.scale, block)), dtype=dtype,
+                            device=device)
+        return m, s
+
+    def full(self, device=None, dtype=None):
+        import torch
+
+        dtype = dtype or torch.float32
+        return (torch.as_tensor(self.mean, dtype=dtype, device=device),
+                torch.as_tensor(self.scale, dtype=dtype, device=device))
+
+
+# -- partial sums -------------------------------------------------------------------------
+
+def accumulate_moments(engine, batches, layout: ParamLayout, device=None, timer=None):
+    """Σg, Σg² (float64) and the count over ``batches`` of (x, ...) with per-sample
+    gradients from ``engine.batch(x) -> N×P``."""
+    import torch
+
+    P = layout.num_params
+    s1 = torch.zeros(P, dtype=torch.float64, device=device)
+    s2 = torch.zeros(P, dtype=torch.float64, device=device)
+    n = 0
+    for batch in batches:
+        x = batch[0]
+        if timer is not None:
+            with timer("gradient", device):
+                g = engine.batch(x)
+        else:
+            g = engine.batch(x)
+        if g.shape[1] != P:
+            raise ConfigError(f"gradient engine returned {g.shape[1]} columns, layout has {P} parameters")
+        g = g.to(torch.float64)
+        s1 += g.sum(0)
+        s2 += (g * g).sum(0)
+        n += g.shape[0]
+    return {"count": np.int64(n), "sum": s1.cpu().numpy(), "sumsq": s2.cpu().numpy()}
+
+
+def save_partial(path, sums: dict, layout: ParamLayout, meta: dict | None = None) -> None:
+    layout.check_finite("gradient partial sum Σ∇E", sums["sum"], str(path))
+    layout.check_finite("gradient partial sum Σ(∇E)²", sums["sumsq"], str(path))
+    save_npz(path, count=np.int64(sums["count"]), sum=sums["sum"], sumsq=sums["sumsq"],
+             layout=json_scalar(layout.to_dict()), meta=json_scalar(dict(meta or {})))
+
+
+def load_partial(path) -> tuple[dict, ParamLayout, dict]:
+    z = load_npz(path, require=("count", "sum", "sumsq", "layout"))
+    layout = ParamLayout.from_dict(read_json_scalar(z["layout"]))
+    if z["sum"].shape != (layout.num_params,) or z["sumsq"].shape != (layout.num_params,):
+        raise StoreError(f"{path}: partial sums have shape {z['sum'].shape}, layout has "
+                         f"{layout.num_params} parameters")
+    meta = read_json_scalar(z["meta"]) if "meta" in z else {}
+    return z, layout, meta
+
+
+# -- reduce -------------------------------------------------------------------------------
+
+def reduce_moments(parts, layout: ParamLayout, options: dict | None = None, where: str = "") -> GradStats:
+    """Sum partial (count, Σg, Σg²) and form m, s (see the module docstring)."""
+    opts = normalize_options(options)
+    n = int(sum(int(p["count"]) for p in parts))
+    if n == 0:
+        raise StoreError(f"gradient statistics{' from ' + where if where else ''}: no samples")
+    s1 = np.zeros(layout.num_params)
+    s2 = np.zeros(layout.num_params)
+    for p in parts:
+        s1 += p["sum"]
+        s2 += p["sumsq"]
+    mean = s1 / n
+    second = s2 / n
+    layout.check_finite("gradient mean M", mean, where)
+    layout.check_finite("gradient second moment diag(I)", second, where)
+    var = np.maximum(second - mean * mean, 0.0)
+    m = mean if opts["mean"] else np.zeros_like(mean)
+    centred = var if opts["mean"] else second  # E[(g − m)²]
+    if opts["scale"] == "none":
+        scale = np.ones_like(mean)
+    else:
+        d = second if opts["scale"] == "second_moment" else var
+        floor = opts["var_floor"] * float(d.mean())
+        zero = d <= 0 if floor == 0 else np.zeros(d.shape, bool)
+        if zero.any():
+            pos = int(np.argmax(zero))
+            raise NumericalError(
+                f"diag(I) has {int(zero.sum())} zero entries{' in ' + where if where else ''}, first at "
+                f"parameter {layout.locate_flat(pos)}: G = diag(I)^(-1/2)(∇E − M) would be infinite; "
+                "set subspace.normalize.var_floor > 0 or scale: none")
+        scale = 1.0 / np.sqrt(np.maximum(d, floor))
+        layout.check_finite("normalization scale diag(I)^(-1/2)", scale, where)
+    total = float(np.sum(centred * scale * scale))
+    return GradStats(layout, m, scale, n, total, opts)
+
+
+def write_stats(path, stats: GradStats, extra_attrs: dict | None = None) -> None:
+    P = stats.layout.num_params
+    attrs = {"kind": "gradstats", "layout": stats.layout.to_dict(), "count": stats.count,
+             "total_variance": stats.total_variance, "normalize": stats.options, **dict(extra_attrs or {})}
+    with ShardWriter(path, n_rows=P, attrs=attrs, chunk_rows=1 << 20) as w:
+        w.put("mean", stats.mean.astype(np.float64))
+        w.put("scale", stats.scale.astype(np.float64))
+
+
+def read_stats(path) -> GradStats:
+    group = open_store(path, require=("mean", "scale"))
+    attrs = dict(group.attrs)
+    if attrs.get("kind") != "gradstats":
+        raise StoreError(f"{path}: not a gradient statistics store (kind '{attrs.get('kind')}')")
+    layout = ParamLayout.from_dict(attrs["layout"])
+    return GradStats(layout, np.asarray(group["mean"][...]), np.asarray(group["scale"][...]),
+                     int(attrs["count"]), float(attrs["total_variance"]), dict(attrs["normalize"]))
