@@ -49,6 +49,8 @@ def _merge_runtime_settings(args) -> None:
     These settings change how fast a job runs, not what it writes, so the workflow
     hands them over through the environment rather than as rule params: changing them
     must not make Snakemake rerun finished jobs. Explicit values on the command line win.
+    A subcommand names the options that take them with
+    ``parser.set_defaults(runtime_into=("params",))``; the default is ``--compute``.
     """
     raw = os.environ.get(RUNTIME_ENV)
     if not raw:
@@ -57,7 +59,7 @@ def _merge_runtime_settings(args) -> None:
         runtime = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise SystemExit(f"error: ${RUNTIME_ENV} is not valid JSON: {exc}") from exc
-    for attr in ("params", "compute"):
+    for attr in getattr(args, "runtime_into", ("compute",)):
         value = getattr(args, attr, None)
         if isinstance(value, dict):
             for key in RUNTIME_KEYS:

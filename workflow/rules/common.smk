@@ -94,6 +94,11 @@ def compute_params():
     return {"precision": c["precision"], "mean": d["mean"], "std": d["std"]}
 
 
+def norm_params():
+    """Input normalization, for commands that run the model over prepared images."""
+    return {"mean": config["data"]["mean"], "std": config["data"]["std"]}
+
+
 def model_params():
     m = config["model"]
     d = config["data"]

@@ -15,8 +15,9 @@ rule fit_detector:
     output:
         f"{R}/detectors/feature/{{detector}}.npz",
     params:
-        spec=lambda wc: jarg(detector_params(wc.detector)),
-        compute=jarg(compute_params()),
+        method=lambda wc: DETECTORS[wc.detector]["method"],
+        hparams=lambda wc: jarg(DETECTORS[wc.detector]["hparams"]),
+        compute=jarg(norm_params()),
         seed=config["seed"],
     log:
         f"{LOGS}/fit/feature/{{detector}}.log",
@@ -26,7 +27,7 @@ rule fit_detector:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
     shell:
-        "gradspace fit --name {wildcards.detector} --params {params.spec} --space feature "
+        "gradspace fit --method {params.method} --name {wildcards.detector} --params {params.hparams} --space feature "
         "--train {input.shards} --model {input.model} --data-dir {input.data} "
         "--compute {params.compute} --seed {params.seed} --out {output} > {log} 2>&1"
 
@@ -54,7 +55,7 @@ rule score_detector:
         f"{R}/scores/feature/{{detector}}/{{dataset}}.npy",
     params:
         sources=_score_sources,
-        compute=jarg(compute_params()),
+        compute=jarg(norm_params()),
     log:
         f"{LOGS}/score/feature/{{detector}}/{{dataset}}.log",
     benchmark:
@@ -65,7 +66,7 @@ rule score_detector:
         runtime=lambda wc, attempt: 60 * attempt,
     shell:
         "GRADSPACE_THREADS={threads} gradspace score --fitted {input.fitted} {params.sources} "
-        "--compute {params.compute} --out {output} > {log} 2>&1"
+        "--params {params.compute} --out {output} > {log} 2>&1"
 
 
 def feature_score_files():

@@ -135,6 +135,8 @@ class Source:
             if chosen is None and role in ID_ROLES:
                 raise ConfigError(f"dataset '{self.ctx.name}': source option 'split' gives no "
                                   f"split for role '{role}'")
+            if chosen is None:
+                chosen = self.default_splits.get(role)
             return (None if chosen is None else str(chosen)), chosen is not None
         if split is not None:
             return str(split), False

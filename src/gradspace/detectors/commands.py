@@ -172,8 +172,11 @@ def _store_sizes_and_index(paths) -> tuple[list[int], bool]:
 
 
 # -- fit -----------------------------------------------------------------------------------
-def _model_context(model_path, seed: int) -> FitContext:
+def _model_context(model_path, seed: int, data_dir=None, compute=None) -> FitContext:
     ctx = FitContext(seed=seed)
+    if data_dir:
+        ctx.extra["data_dir"] = str(data_dir)
+    ctx.extra["compute"] = dict(compute or {})
     if not model_path:
         return ctx
     from ..models import load_model
@@ -194,7 +197,7 @@ def _model_context(model_path, seed: int) -> FitContext:
 def fit_detector(method: str, hparams: dict, train, out, *, name: str | None = None,
                  space: str = "feature", model_path=None, seed: int = 0,
                  mapping: dict[str, str] | None = None, rows: int = DEFAULT_ROWS,
-                 embedding: str | None = None) -> Detector:
+                 embedding: str | None = None, data_dir=None, compute: dict | None = None) -> Detector:
     """Build, fit and save one detector instance; returns the fitted detector."""
     from ..runtime import Timer, seed_everything
 
@@ -207,7 +210,7 @@ def fit_detector(method: str, hparams: dict, train, out, *, name: str | None = N
         raise ConfigError(f"--map: detector '{method}' reads no array named {sorted(unknown)}; "
                           f"it reads {sorted(usable)}")
     needed = [r for r in det.requires if r != "model"]
-    ctx = _model_context(model_path, seed)
+    ctx = _model_context(model_path, seed, data_dir, compute)
     timer = Timer()
     with timer("fit"):
         if needed and det.needs_fit:
@@ -327,7 +330,7 @@ def _cmd_fit(args) -> None:
     set_threads()
     fit_detector(args.method, args.params, args.train, args.out, name=args.name, space=args.space,
                  model_path=args.model, seed=args.seed, mapping=parse_map(args.map), rows=args.rows,
-                 embedding=args.embedding)
+                 embedding=args.embedding, data_dir=args.data_dir, compute=args.compute)
 
 
 def _cmd_score(args) -> None:
@@ -353,6 +356,10 @@ def register(subparsers) -> None:
     p.add_argument("--train", nargs="*", default=[], metavar="STORE", help="ID-train shard stores")
     p.add_argument("--model", default=None, help="model checkpoint (head weights; BATS BN parameters)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None,
+                   help="prepared ID-train directory, for detectors whose fit runs the model (GROOD)")
+    p.add_argument("--compute", type=json_arg, default={},
+                   help="JSON {batch_size, device, num_workers, mean, std} for fits that run the model")
     p.add_argument("--map", action="append", default=[], metavar="NAME=ARRAY",
                    help="read detector array NAME from store array ARRAY (repeatable)")
     p.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows per chunk read from stores")
@@ -371,4 +378,5 @@ def register(subparsers) -> None:
                    help="override the store array a detector array is read from")
     s.add_argument("--rows", type=int, default=DEFAULT_ROWS, help="rows per chunk read from stores")
     s.add_argument("--out", required=True, help="scores .npy (float64, manifest order)")
+    s.set_defaults(runtime_into=("params",))
     s.set_defaults(func=_cmd_score)

@@ -36,7 +36,8 @@ def class_sums(op, batches, num_classes: int, timer=None, device=None, where: st
         y = torch.as_tensor(y).long()
         if (y < 0).any() or (y >= num_classes).any():
             bad = int(y[(y < 0) | (y >= num_classes)][0])
-            raise DataError(f"label {bad} outside [0, {num_classes}) in ID-train data{' ' + where if where else ''}")
+            raise DataError(f"label {bad} outside [0, {num_classes}) in ID-train data"
+                            f"{' ' + where if where else ''}")
         Y = torch.nn.functional.one_hot(y, num_classes).to(op.device, torch.float32)
         if timer is not None:
             with timer("products", device):

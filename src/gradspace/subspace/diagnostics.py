@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError, StoreError
-from ..store import iter_chunks, open_store
+from ..store import iter_chunks
 
 
 def _write_csv(path, rows: list[dict]) -> None:

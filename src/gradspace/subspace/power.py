@@ -124,7 +124,8 @@ def init_basis(path, layout: ParamLayout, k: int, oversample: int, seed: int, at
     if k < 1 or oversample < 0:
         raise ConfigError(f"subspace.k must be >= 1 and oversample >= 0 (got {k}, {oversample})")
     if K > layout.num_params:
-        raise ConfigError(f"subspace.k + oversample = {K} exceeds the {layout.num_params} selected parameters")
+        raise ConfigError(f"subspace.k + oversample = {K} exceeds the {layout.num_params} "
+                          "selected parameters")
     scratch = Path(tempfile.mkdtemp(prefix=".pca-init-", dir=Path(path).parent if Path(path).parent.exists()
                                     else None))
     try:
@@ -204,7 +205,8 @@ def open_partials(paths: Sequence, layout: ParamLayout, kind: str = PARTIAL_KIND
     for b in layout.block_names:
         got = sorted(cover.get(b, []))
         if got != shards:
-            raise StoreError(f"parameter block '{b}' is covered by shards {got}, expected each of {shards} once")
+            raise StoreError(f"parameter block '{b}' is covered by shards {got}, "
+                             f"expected each of {shards} once")
     return opened, int(sum(n_by_shard.values()))
 
 
@@ -230,7 +232,6 @@ def reduce_iteration(basis_path, partial_paths, out_path, stats=None, scratch_di
     blocks = layout.block_names
     K = int(attrs["columns"])
     H = np.zeros((K, K))
-    Vt = {}
 
     def load(b):
         W = summed_block(opened, b)
@@ -242,12 +243,10 @@ def reduce_iteration(basis_path, partial_paths, out_path, stats=None, scratch_di
     try:
         get, _ = tsqr(blocks, load, scratch)
         M = np.zeros((K, K))
-        parts = {}
 
         def get_and_track(b):
             Q = get(b)
             M[...] += basis_block(group, b, basis_path).astype(np.float64).T @ Q
-            parts[b] = True
             return Q
 
         H = 0.5 * (H + H.T)
@@ -271,7 +270,6 @@ def reduce_iteration(basis_path, partial_paths, out_path, stats=None, scratch_di
         "subspace_change": _sine(M),
         "subspace_change_topk": _sine(S[:, :k].T @ M),
     }
-    del Vt
     return diag
 
 

@@ -62,6 +62,8 @@ class GradStats:
     count: int
     total_variance: float     # tr(C)/N = E‖G‖²
     options: dict
+    selection: object = "all"  # parameter selection spec of the gradients
+    temperature: float = 1.0   # T of the energy
 
     def block(self, block: str, device=None, dtype=None):
         """(m_b, s_b) as torch tensors for one parameter block."""
@@ -167,6 +169,7 @@ def reduce_moments(parts, layout: ParamLayout, options: dict | None = None, wher
 def write_stats(path, stats: GradStats, extra_attrs: dict | None = None) -> None:
     P = stats.layout.num_params
     attrs = {"kind": "gradstats", "layout": stats.layout.to_dict(), "count": stats.count,
+             "selection": stats.selection, "temperature": stats.temperature,
              "total_variance": stats.total_variance, "normalize": stats.options, **dict(extra_attrs or {})}
     with ShardWriter(path, n_rows=P, attrs=attrs, chunk_rows=1 << 20) as w:
         w.put("mean", stats.mean.astype(np.float64))
@@ -180,4 +183,5 @@ def read_stats(path) -> GradStats:
         raise StoreError(f"{path}: not a gradient statistics store (kind '{attrs.get('kind')}')")
     layout = ParamLayout.from_dict(attrs["layout"])
     return GradStats(layout, np.asarray(group["mean"][...]), np.asarray(group["scale"][...]),
-                     int(attrs["count"]), float(attrs["total_variance"]), dict(attrs["normalize"]))
+                     int(attrs["count"]), float(attrs["total_variance"]), dict(attrs["normalize"]),
+                     attrs.get("selection", "all"), float(attrs.get("temperature", 1.0)))

@@ -1,0 +1,460 @@
+"""CLI commands of the subspace stage (issue 4). Every command takes explicit input and
+output paths, hyperparameters as ``--params JSON``, writes atomically and raises
+GradspaceError for bad input. ``--timing FILE`` (optional) writes a JSON record of the
+in-job timers (CUDA-synchronized), the sample count and the hardware, for the timing
+tables (paper Tables 11 and 12).
+
+Iterations of the PCA are unrolled: ``pca-init`` → for t in 0..T−1 (``pca-partial`` per
+ID-train shard, ``pca-reduce``) → ``pca-partial`` per shard at V_T → ``pca-finalize``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DEFAULTS = {"device": "auto", "batch_size": 64, "num_workers": 0, "mean": None, "std": None,
+                    "chunk_size": 64, "strategy": "auto", "direction_chunk": 64, "precision": "fp32"}
+STATS_DEFAULTS = {"params": "all", "blocks": "stages", "temperature": 1.0}
+
+
+def _opts(params: dict, defaults: dict, command: str) -> dict:
+    params = dict(params or {})
+    known = {**COMPUTE_DEFAULTS, **defaults}
+    unknown = set(params) - set(known)
+    if unknown:
+        raise ConfigError(f"{command} --params: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
+    return {**known, **params}
+
+
+def _device(o):
+    from ..runtime import resolve_device
+
+    return resolve_device(o["device"])
+
+
+def _model(path, device):
+    from ..models import load_model
+
+    model, meta = load_model(path, device)
+    return model.eval(), meta
+
+
+def _batches(data_dir, shard, o, device):
+    from ..data.loader import iter_batches
+
+    if o["mean"] is None or o["std"] is None:
+        raise ConfigError("--params needs 'mean' and 'std' (the input normalization of the model)")
+
+    def gen():
+        return iter_batches(data_dir, shard=shard, batch_size=int(o["batch_size"]),
+                            num_workers=int(o["num_workers"]), mean=o["mean"], std=o["std"], device=device)
+
+    return gen
+
+
+def _write_timing(path, command, timer, device, n, extra=None):
+    if not path:
+        return
+    from ..runtime import hardware_description
+    from .diagnostics import write_json
+
+    write_json(path, {"command": command, "seconds": dict(timer.totals), "n": int(n),
+                      "device": str(device), "hardware": hardware_description(device),
+                      **dict(extra or {})})
+
+
+def _layout_check(model, stats, where):
+    from .layout import resolve_params
+
+    sel = resolve_params(model, stats.selection)
+    names = list(sel)
+    if names != stats.layout.names or [tuple(p.shape) for p in sel.values()] != stats.layout.shapes:
+        raise ConfigError(f"{where}: the model's parameters differ from those of the gradient statistics")
+
+
+def _load_stats(path):
+    from .stats import read_stats
+
+    return read_stats(path)
+
+
+def _operator(method, model, stats, o, device):
+    from .operators import make_operator
+
+    _layout_check(model, stats, "model vs. statistics")
+    return make_operator(method, model, stats.layout, stats, stats.temperature, device,
+                         params=stats.selection, chunk_size=int(o["chunk_size"]),
+                         direction_chunk=int(o["direction_chunk"]), strategy=o["strategy"])
+
+
+# -- gradstats ------------------------------------------------------------------------------
+
+def cmd_gradstats_partial(a):
+    from ..runtime import Timer
+    from .layout import build_layout
+    from .operators import make_engine
+    from .stats import accumulate_moments, save_partial
+
+    o = _opts(a.params, STATS_DEFAULTS, "gradstats-partial")
+    dev = _device(o)
+    model, _ = _model(a.model, dev)
+    layout = build_layout(model, o["params"], o["blocks"])
+    eng = make_engine(model, o["params"], float(o["temperature"]), int(o["chunk_size"]), o["strategy"])
+    timer = Timer()
+    with timer("total", dev):
+        sums = accumulate_moments(eng, _batches(a.data_dir, a.shard, o, dev)(), layout, dev, timer)
+    save_partial(a.out, sums, layout, {"shard": a.shard, "selection": o["params"],
+                                       "temperature": float(o["temperature"]), "blocks_spec": o["blocks"]})
+    _write_timing(a.timing, "gradstats-partial", timer, dev, sums["count"],
+                  {"num_params": layout.num_params, "strategy": eng.strategy_used})
+
+
+def cmd_gradstats_reduce(a):
+    from .stats import load_partial, normalize_options, reduce_moments, write_stats
+
+    parts, layout, meta0 = [], None, None
+    for p in a.partials:
+        z, lay, meta = load_partial(p)
+        if layout is None:
+            layout, meta0 = lay, meta
+        else:
+            layout.same_as(lay, str(p))
+            if meta.get("selection") != meta0.get("selection") or meta.get("temperature") != meta0.get(
+                    "temperature"):
+                raise ConfigError(f"{p}: parameter selection/temperature differ from {a.partials[0]}")
+        parts.append(z)
+    if layout is None:
+        raise DataError("gradstats-reduce: no --partials given")
+    opts = normalize_options((a.params or {}).get("normalize", a.params))
+    stats = reduce_moments(parts, layout, opts, where=", ".join(map(str, a.partials[:3])))
+    stats.selection = meta0.get("selection", "all")
+    stats.temperature = float(meta0.get("temperature", 1.0))
+    write_stats(a.out, stats, {"shards": len(parts)})
+    log.info("gradient statistics over %d samples, %d parameters, E||G||^2 = %.4g -> %s",
+             stats.count, layout.num_params, stats.total_variance, a.out)
+
+
+# -- AG ---------------------------------------------------------------------------------------
+
+def cmd_ag_partial(a):
+    from ..runtime import Timer
+    from .ag import class_sums, write_ag_partial
+
+    o = _opts(a.params, {"method": "jvp_vjp", "num_classes": None}, "ag-partial")
+    dev = _device(o)
+    model, meta = _model(a.model, dev)
+    stats = _load_stats(a.stats)
+    C = int(o["num_classes"] or meta.get("num_classes") or model.num_classes)
+    op = _operator(o["method"], model, stats, o, dev)
+    timer = Timer()
+    with timer("total", dev):
+        sums, counts = class_sums(op, _batches(a.data_dir, a.shard, o, dev)(), C, timer, dev,
+                                  where=f"{a.data_dir} shard {a.shard}")
+    write_ag_partial(a.out, stats.layout, sums, counts, {"shard": a.shard, "method": o["method"]})
+    _write_timing(a.timing, "ag-partial", timer, dev, counts.sum(), {"method": o["method"]})
+
+
+def cmd_ag_reduce(a):
+    from .ag import reduce_ag
+
+    o = {"orthonormalize": True, **dict(a.params or {})}
+    if set(o) - {"orthonormalize"}:
+        raise ConfigError(f"ag-reduce --params: unknown key(s) {sorted(set(o) - {'orthonormalize'})}")
+    stats = _load_stats(a.stats)
+    t0 = time.perf_counter()
+    info = reduce_ag(a.partials, stats.layout, a.out, bool(o["orthonormalize"]), stats)
+    log.info("AG subspace k=%d (rank %s) in %.2fs -> %s", info["k"], info["rank"], time.perf_counter() - t0,
+             a.out)
+
+
+# -- PCA --------------------------------------------------------------------------------------
+
+def cmd_pca_init(a):
+    from .power import init_basis
+
+    o = {"k": 200, "oversample": 10, "seed": 0, **dict(a.params or {})}
+    if set(o) - {"k", "oversample", "seed"}:
+        raise ConfigError(f"pca-init --params: unknown key(s) {sorted(set(o) - {'k', 'oversample', 'seed'})}")
+    stats = _load_stats(a.stats)
+    init_basis(a.out, stats.layout, int(o["k"]), int(o["oversample"]), int(o["seed"]))
+
+
+def cmd_pca_partial(a):
+    from ..runtime import Timer
+    from .power import load_basis_tensors, partial_products, read_basis, write_partial
+
+    o = _opts(a.params, {"method": "jvp_vjp"}, "pca-partial")
+    dev = _device(o)
+    model, _ = _model(a.model, dev)
+    stats = _load_stats(a.stats)
+    group, battrs, layout = read_basis(a.basis, "basis")
+    layout.same_as(stats.layout, f"{a.basis} vs. {a.stats}")
+    op = _operator(o["method"], model, stats, o, dev)
+    V = load_basis_tensors(group, layout, dev, a.basis)
+    timer = Timer()
+    with timer("total", dev):
+        W, n = partial_products(op, _batches(a.data_dir, a.shard, o, dev)(), V, a.blocks, timer, dev)
+    write_partial(a.out, layout, W, n, {"iteration": int(battrs["iteration"]), "shard": a.shard,
+                                        "method": o["method"]})
+    _write_timing(a.timing, "pca-partial", timer, dev, n,
+                  {"method": o["method"], "iteration": int(battrs["iteration"])})
+
+
+def cmd_pca_reduce(a):
+    from .diagnostics import write_json
+    from .power import reduce_iteration
+
+    stats = _load_stats(a.stats)
+    t0 = time.perf_counter()
+    diag = reduce_iteration(a.basis, a.partials, a.out, stats, scratch_dir=Path(a.out).parent)
+    diag["seconds"] = time.perf_counter() - t0
+    log.info("PCA iteration %d: captured %.4f, subspace change %.3g (top-k %.3g)", diag["iteration"],
+             diag["captured_variance"], diag["subspace_change"], diag["subspace_change_topk"])
+    if a.diagnostics:
+        write_json(a.diagnostics, diag)
+
+
+def cmd_pca_finalize(a):
+    from .power import rayleigh_ritz
+
+    o = dict(a.params or {})
+    stats = _load_stats(a.stats)
+    info = rayleigh_ritz(a.basis, a.partials, a.out, stats, o.get("k"))
+    log.info("PCA subspace k=%d, explained variance %.4f -> %s", info["k"],
+             sum(info["explained_variance_ratio"] or [0]), a.out)
+
+
+# -- projection -------------------------------------------------------------------------------
+
+def cmd_project(a):
+    from ..data.loader import num_samples
+    from ..runtime import Timer, hardware_description
+    from .power import load_basis_tensors, read_basis
+    from .project import project_batches, write_reduced
+
+    o = _opts(a.params, {"method": "persample", "space": None}, "project")
+    dev = _device(o)
+    model, _ = _model(a.model, dev)
+    stats = _load_stats(a.stats)
+    group, sattrs, layout = read_basis(a.subspace, "subspace")
+    layout.same_as(stats.layout, f"{a.subspace} vs. {a.stats}")
+    op = _operator(o["method"], model, stats, o, dev)
+    blocks = layout.check_blocks(a.blocks)
+    V = load_basis_tensors(group, layout, dev, a.subspace, blocks)
+    K = next(iter(V.values())).shape[1]
+    n = num_samples(a.data_dir, a.shard)
+    timer = Timer()
+    t0 = time.perf_counter()
+    write_reduced(a.out, n, K, project_batches(op, _batches(a.data_dir, a.shard, o, dev)(), V, timer, dev),
+                  {"space": o["space"] or sattrs.get("type"), "subspace_type": sattrs.get("type"), "k": K,
+                   "blocks": blocks, "shard": a.shard, "method": o["method"],
+                   "timing": {"seconds": dict(timer.totals), "n": n, "device": str(dev),
+                              "hardware": hardware_description(dev)}})
+    timer.totals["total"] = time.perf_counter() - t0
+    _write_timing(a.timing, "project", timer, dev, n, {"method": o["method"], "k": K,
+                                                       "num_params": layout.num_params})
+
+
+def cmd_project_merge(a):
+    from .power import read_basis
+    from .project import merge_parts
+
+    _, _, layout = read_basis(a.subspace, "subspace")
+    merge_parts(a.parts, a.out, layout.block_names)
+
+
+# -- diagnostics ------------------------------------------------------------------------------
+
+def _parse_sets(items, what):
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"{what}: expected DATASET=PATH[,PATH...], got {item!r}")
+        k, v = item.split("=", 1)
+        out.setdefault(k, []).extend(p for p in v.split(",") if p)
+    return out
+
+
+def cmd_subspace_diagnostics(a):
+    from ..store import store_attrs
+    from .diagnostics import store_diagnostics
+
+    attrs = store_attrs(a.subspace)
+    store_diagnostics(attrs, _parse_sets(a.reduced, "--reduced"), a.out_dir, a.space or attrs.get("type"))
+
+
+def cmd_gradient_diagnostics(a):
+    from ..data.loader import num_samples
+    from .diagnostics import (
+        _write_csv,
+        class_mean_cosines,
+        nn_mean_distance,
+        reduced_rows,
+        sample_rows,
+        sampled_gradients,
+        write_json,
+    )
+    from .io import open_blocks
+
+    o = _opts(a.params, {"n_samples": 1000, "seed": 0, "max_gib": 8.0}, "gradient-diagnostics")
+    dev = _device(o)
+    model, _ = _model(a.model, dev)
+    stats = _load_stats(a.stats)
+    op = _operator("persample", model, stats, o, dev)
+    data = {k: v[0] for k, v in _parse_sets(a.data, "--data").items()}
+    reduced = {space_ds: v for space_ds, v in _parse_sets(a.reduced, "--reduced").items()}
+    if "id_train" not in data:
+        raise ConfigError("gradient-diagnostics needs --data id_train=DIR")
+    grads = {}
+    for salt, (ds, d) in enumerate(sorted(data.items())):
+        rows = sample_rows(num_samples(d), int(o["n_samples"]), int(o["seed"]), salt)
+        grads[ds] = sampled_gradients(op, _batches(d, None, o, dev)(), rows, float(o["max_gib"]) * 2**30)
+    ref = grads["id_train"][0]
+    nn_rows = []
+    for ds, (G, _, rows) in grads.items():
+        if ds == "id_train":
+            continue
+        row = {"dataset": ds, "n": int(G.shape[0]), "whole": nn_mean_distance(G, ref)}
+        for space, stores in sorted(reduced.items()):
+            sp, _, dset = space.partition(":")
+            if dset == ds and f"{sp}:id_train" in reduced:
+                rref = reduced_rows(reduced[f"{sp}:id_train"], grads["id_train"][2])
+                row[sp] = nn_mean_distance(reduced_rows(stores, rows), rref)
+        nn_rows.append(row)
+    _write_csv(Path(a.out_dir) / "nn_distances.csv", nn_rows)
+    cos_rows = []
+    if a.ag:
+        g, _, lay = open_blocks(a.ag, "subspace")
+        for ds in ("id_train", "id_test"):
+            if ds in grads:
+                G, y, _ = grads[ds]
+                c = class_mean_cosines(G, y, g, lay, a.ag)
+                cos_rows.append({"dataset": ds, "n": int(c.size), "mean": float(c.mean()),
+                                 "std": float(c.std())})
+    _write_csv(Path(a.out_dir) / "class_mean_cosine.csv", cos_rows)
+    write_json(Path(a.out_dir) / "gradient_diagnostics.json", {"nn_distances": nn_rows,
+                                                              "class_mean_cosine": cos_rows})
+
+
+def cmd_ensemble(a):
+    from ..detectors.commands import save_scores
+    from .detectors import ensemble_scores
+
+    s = ensemble_scores(np.load(a.feature), np.load(a.gradient), a.alpha)
+    save_scores(a.out, s)
+
+
+# -- registration -----------------------------------------------------------------------------
+
+def register(subparsers) -> None:
+    from ..cli import json_arg
+
+    def add(name, func, help_):
+        p = subparsers.add_parser(name, help=help_)
+        p.set_defaults(func=func)
+        return p
+
+    def compute(p, extra=""):
+        p.add_argument("--params", type=json_arg, default={},
+                       help="JSON: device, batch_size, num_workers, mean, std, chunk_size, strategy, "
+                            "direction_chunk" + extra)
+        p.add_argument("--timing", default=None, help="write in-job timers (JSON)")
+
+    p = add("gradstats-partial", cmd_gradstats_partial, "per-shard sums of ∇E and ∇E² (normalization stats)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--out", required=True, help="partial sums .npz")
+    compute(p, "; params (selection), blocks, temperature")
+
+    p = add("gradstats-reduce", cmd_gradstats_reduce, "reduce partial sums to M and diag(I)^(-1/2)")
+    p.add_argument("--partials", nargs="+", required=True)
+    p.add_argument("--params", type=json_arg, default={},
+                   help='JSON {"normalize": {"mean": true, "scale": "second_moment", "var_floor": 1e-8}}')
+    p.add_argument("--out", required=True, help="stats.zarr")
+
+    p = add("ag-partial", cmd_ag_partial, "per-shard class sums of G (average-gradient subspace)")
+    for opt in ("--model", "--data-dir", "--stats"):
+        p.add_argument(opt, required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--out", required=True)
+    compute(p, "; method (jvp_vjp|persample), num_classes")
+
+    p = add("ag-reduce", cmd_ag_reduce, "class means of G -> AG subspace store")
+    p.add_argument("--partials", nargs="+", required=True)
+    p.add_argument("--stats", required=True)
+    p.add_argument("--params", type=json_arg, default={}, help='JSON {"orthonormalize": true}')
+    p.add_argument("--out", required=True)
+
+    p = add("pca-init", cmd_pca_init, "seeded random orthonormal V_0 (k + oversample columns)")
+    p.add_argument("--stats", required=True)
+    p.add_argument("--params", type=json_arg, default={}, help='JSON {"k": 200, "oversample": 10, "seed": 0}')
+    p.add_argument("--out", required=True)
+
+    p = add("pca-partial", cmd_pca_partial, "one shard's partial C·V_t = Gᵀ(G V_t)")
+    for opt in ("--model", "--data-dir", "--stats", "--basis"):
+        p.add_argument(opt, required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--blocks", default=None,
+                   help="comma-separated parameter blocks of the output (default all)")
+    p.add_argument("--out", required=True)
+    compute(p, "; method (jvp_vjp|persample)")
+
+    p = add("pca-reduce", cmd_pca_reduce, "sum partials, orthonormalize (TSQR) -> V_{t+1}, diagnostics")
+    p.add_argument("--basis", required=True, help="V_t store")
+    p.add_argument("--partials", nargs="+", required=True)
+    p.add_argument("--stats", required=True)
+    p.add_argument("--out", required=True, help="V_{t+1} store")
+    p.add_argument("--diagnostics", default=None, help="iteration diagnostics JSON")
+
+    p = add("pca-finalize", cmd_pca_finalize, "Rayleigh–Ritz on V_T -> PCA subspace store")
+    p.add_argument("--basis", required=True)
+    p.add_argument("--partials", nargs="+", required=True, help="pca-partial outputs at V_T")
+    p.add_argument("--stats", required=True)
+    p.add_argument("--params", type=json_arg, default={}, help='JSON {"k": k} (default: the basis k)')
+    p.add_argument("--out", required=True)
+
+    p = add("project", cmd_project, "reduced gradients G·V of one shard")
+    for opt in ("--model", "--data-dir", "--stats", "--subspace"):
+        p.add_argument(opt, required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--blocks", default=None, help="comma-separated parameter blocks (default all)")
+    p.add_argument("--out", required=True)
+    compute(p, "; method (persample|jvp_vjp), space")
+
+    p = add("project-merge", cmd_project_merge, "sum block parts of reduced gradients")
+    p.add_argument("--parts", nargs="+", required=True)
+    p.add_argument("--subspace", required=True)
+    p.add_argument("--out", required=True)
+
+    p = add("subspace-diagnostics", cmd_subspace_diagnostics,
+            "reconstruction errors and explained-variance curve from stores")
+    p.add_argument("--subspace", required=True)
+    p.add_argument("--reduced", action="append", default=[], metavar="DATASET=STORE[,STORE...]")
+    p.add_argument("--space", default=None)
+    p.add_argument("--out-dir", required=True)
+
+    p = add("gradient-diagnostics", cmd_gradient_diagnostics,
+            "NN distances whole vs reduced space, cosine to class-mean gradient")
+    p.add_argument("--model", required=True)
+    p.add_argument("--stats", required=True)
+    p.add_argument("--ag", default=None, help="AG subspace store (class means)")
+    p.add_argument("--data", action="append", default=[], metavar="DATASET=DIR")
+    p.add_argument("--reduced", action="append", default=[], metavar="SPACE:DATASET=STORE[,STORE...]")
+    p.add_argument("--out-dir", required=True)
+    compute(p, "; n_samples (1000), seed, max_gib")
+
+    p = add("ensemble-scores", cmd_ensemble, "S_f + alpha*S_b (paper eq. 11)")
+    p.add_argument("--feature", required=True, help="feature-space scores .npy")
+    p.add_argument("--gradient", required=True, help="gradient-space scores .npy")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--out", required=True)
+
