@@ -20,6 +20,14 @@ validate(config, "workflow/schemas/config.schema.yaml")
 
 
 include: "workflow/rules/common.smk"
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    shard=r"\d+",
+    detector="|".join(DETECTORS) if DETECTORS else "__none__",
+
+
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/extract.smk"

@@ -313,7 +313,8 @@ def test_imagefolder_id_split_and_lazy_loading(tmp_path):
 def test_imagefolder_split_subfolders_and_ood(tmp_path):
     _tree(tmp_path / "ds" / "train")
     _tree(tmp_path / "ds" / "val", per_class=2)
-    src = {"kind": "imagefolder", "path": str(tmp_path / "ds"), "split": {"id_train": "train", "id_test": "val"}}
+    src = {"kind": "imagefolder", "path": str(tmp_path / "ds"),
+           "split": {"id_train": "train", "id_test": "val"}}
     kw = dict(num_classes=2, shards=2, image_size=8, channels=1)
     tr = prepare_dataset("id_train", params("id_train", src, **kw), seed=0, out=tmp_path / "tr")
     te = prepare_dataset("id_test", params("id_test", src, **kw), seed=0, out=tmp_path / "te")

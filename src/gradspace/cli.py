@@ -43,6 +43,12 @@ RUNTIME_ENV = "GRADSPACE_RUNTIME"
 RUNTIME_KEYS = ("device", "batch_size", "num_workers")
 
 
+def export_runtime_settings(compute: dict) -> None:
+    """Put the speed-only compute settings into $GRADSPACE_RUNTIME (called by the workflow)."""
+    os.environ[RUNTIME_ENV] = json.dumps({k: compute[k] for k in RUNTIME_KEYS if k in compute},
+                                         sort_keys=True)
+
+
 def _merge_runtime_settings(args) -> None:
     """Fill device/batch_size/num_workers into --params/--compute from $GRADSPACE_RUNTIME.
 

@@ -1,13 +1,13 @@
-# Helpers shared by the rule files: dataset names, shard lists, detector instances and
+# Helpers shared by the rule files (dataset names, shard lists, detector instances) and
 # the JSON parameter blobs handed to the gradspace CLI. Every setting that changes a
 # rule's output reaches it through `params`, so Snakemake's params trigger reruns
 # exactly the invalidated jobs.
 
 import json
-import os
 import shlex
 
 from gradspace import __version__ as GRADSPACE_VERSION
+from gradspace.cli import export_runtime_settings
 from gradspace.detectors.base import get_detector
 from gradspace.errors import ConfigError
 
@@ -22,11 +22,6 @@ OOD_SETS = list(config["data"]["ood"])
 DATASETS = ID_SETS + OOD_SETS
 
 
-wildcard_constraints:
-    dataset="|".join(DATASETS),
-    shard=r"\d+",
-
-
 def jarg(obj):
     """A JSON blob, shell-quoted, for --params."""
     return shlex.quote(json.dumps(obj, sort_keys=True))
@@ -34,8 +29,11 @@ def jarg(obj):
 
 def n_shards(dataset):
     data = config["data"]
-    spec = data["id"] if dataset in ID_SETS else data["ood"][dataset]
-    return int(spec.get("shards", data["shards"]))
+    if dataset in ID_SETS:
+        idc = data["id"]
+        own = idc.get("train" if dataset == "id_train" else "test") or {}
+        return int(own.get("shards", idc.get("shards", data["shards"])))
+    return int(data["ood"][dataset].get("shards", data["shards"]))
 
 
 def shard_stores(dataset, kind="embeddings"):
@@ -62,9 +60,11 @@ def prepare_params(dataset):
         idc = data["id"]
         part = "train" if dataset == "id_train" else "test"
         separate = part in idc
+        source = dict(idc[part] if separate else idc["source"])
+        source.pop("shards", None)
         return {
             "role": dataset,
-            "source": idc[part] if separate else idc["source"],
+            "source": source,
             "num_classes": idc["num_classes"],
             "test_fraction": None if separate else idc["test_fraction"],
             "train_subsample": idc["train_subsample"] if dataset == "id_train" else None,
@@ -82,9 +82,7 @@ def prepare_params(dataset):
 # data-loader workers) reach the CLI through $GRADSPACE_RUNTIME instead of rule params,
 # so changing them never reruns finished jobs. Every job (local or on SLURM) parses this
 # file again, so the variable is set wherever a job runs.
-os.environ["GRADSPACE_RUNTIME"] = json.dumps(
-    {k: config["compute"][k] for k in ("device", "batch_size", "num_workers")}
-)
+export_runtime_settings(config["compute"])
 
 
 def compute_params():
@@ -139,3 +137,31 @@ DETECTORS = _detector_table(config["detectors"])
 def detector_params(name):
     d = DETECTORS[name]
     return {"method": d["method"], "hparams": d["hparams"]}
+
+
+def score_inputs(wc):
+    inputs = {"fitted": f"{R}/detectors/feature/{wc.detector}.npz"}
+    if DETECTORS[wc.detector]["needs_model"]:
+        inputs["model"] = MODEL
+        inputs["data"] = f"{R}/data/{wc.dataset}"
+    else:
+        inputs["shards"] = shard_stores(wc.dataset)
+    return inputs
+
+
+def score_sources(wc, input):
+    if DETECTORS[wc.detector]["needs_model"]:
+        return f"--model {input.model} --data-dir {input.data}"
+    return "--shards " + " ".join(input.shards)
+
+
+def feature_score_files():
+    return [f"{R}/scores/feature/{d}/{ds}.npy" for d in DETECTORS for ds in ["id_test"] + OOD_SETS]
+
+
+def all_score_files():
+    return feature_score_files()
+
+
+def detector_table_json():
+    return jarg({n: {"method": d["method"], "embedding": d["embedding"]} for n, d in DETECTORS.items()})

@@ -15,6 +15,8 @@ rule prepare:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 30 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
     shell:
         "gradspace prepare --dataset {wildcards.dataset} --params {params.spec} "
         "--seed {params.seed} --out {output} > {log} 2>&1"

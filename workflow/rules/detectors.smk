@@ -3,10 +3,6 @@
 # model over the prepared images.
 
 
-wildcard_constraints:
-    detector="|".join(DETECTORS) if DETECTORS else "__none__",
-
-
 rule fit_detector:
     input:
         model=MODEL,
@@ -26,35 +22,21 @@ rule fit_detector:
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
     shell:
         "gradspace fit --method {params.method} --name {wildcards.detector} --params {params.hparams} --space feature "
         "--train {input.shards} --model {input.model} --data-dir {input.data} "
         "--compute {params.compute} --seed {params.seed} --out {output} > {log} 2>&1"
 
 
-def _score_inputs(wc):
-    inputs = {"fitted": f"{R}/detectors/feature/{wc.detector}.npz"}
-    if DETECTORS[wc.detector]["needs_model"]:
-        inputs["model"] = MODEL
-        inputs["data"] = f"{R}/data/{wc.dataset}"
-    else:
-        inputs["shards"] = shard_stores(wc.dataset)
-    return inputs
-
-
-def _score_sources(wc, input):
-    if DETECTORS[wc.detector]["needs_model"]:
-        return f"--model {input.model} --data-dir {input.data}"
-    return "--shards " + " ".join(input.shards)
-
-
 rule score_detector:
     input:
-        unpack(_score_inputs),
+        unpack(score_inputs),
     output:
         f"{R}/scores/feature/{{detector}}/{{dataset}}.npy",
     params:
-        sources=_score_sources,
+        sources=score_sources,
         compute=jarg(norm_params()),
     log:
         f"{LOGS}/score/feature/{{detector}}/{{dataset}}.log",
@@ -64,10 +46,8 @@ rule score_detector:
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
     shell:
         "GRADSPACE_THREADS={threads} gradspace score --fitted {input.fitted} {params.sources} "
         "--params {params.compute} --out {output} > {log} 2>&1"
-
-
-def feature_score_files():
-    return [f"{R}/scores/feature/{d}/{ds}.npy" for d in DETECTORS for ds in ["id_test"] + OOD_SETS]

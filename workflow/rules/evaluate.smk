@@ -1,14 +1,6 @@
 # metrics per (detector, OOD set) and the HTML report.
 
 
-def all_score_files():
-    return feature_score_files()
-
-
-def detector_table_json():
-    return jarg({n: {"method": d["method"], "embedding": d["embedding"]} for n, d in DETECTORS.items()})
-
-
 rule evaluate:
     input:
         scores=all_score_files(),
@@ -27,6 +19,8 @@ rule evaluate:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 15 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
     shell:
         "gradspace evaluate --scores {input.scores} --id-dataset id_test --ood-datasets {params.ood} "
         "--detectors {params.detectors} --card {input.card} --positive {params.positive} "
@@ -55,6 +49,8 @@ rule report:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 15 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
     shell:
         "gradspace report --metrics {input.metrics} --card {input.card} --scores {input.scores} "
         "--benchmarks $(find {params.bench} -name '*.tsv' 2>/dev/null | sort) "

@@ -18,6 +18,8 @@ rule extract:
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
     shell:
         "GRADSPACE_THREADS={threads} gradspace extract --model {input.model} --data-dir {input.data} "
         "--shard {wildcards.shard} --params {params.spec} --out {output} > {log} 2>&1"

@@ -19,6 +19,8 @@ if config["model"]["source"] == "train":
         resources:
             mem_mb=lambda wc, attempt: 8000 * attempt,
             runtime=lambda wc, attempt: 120 * attempt,
+        conda:
+            "../../envs/gradspace.yaml"
         shell:
             "GRADSPACE_THREADS={threads} gradspace train --data-dir {input} --params {params.spec} "
             "--seed {params.seed} --out {output} > {log} 2>&1"
@@ -38,6 +40,8 @@ else:
         resources:
             mem_mb=lambda wc, attempt: 8000 * attempt,
             runtime=lambda wc, attempt: 30 * attempt,
+        conda:
+            "../../envs/gradspace.yaml"
         shell:
             "gradspace load-model --source {params.source} --params {params.spec} "
             "--out {output} > {log} 2>&1"
@@ -56,6 +60,8 @@ rule model_card:
     resources:
         mem_mb=lambda wc, attempt: 4000 * attempt,
         runtime=lambda wc, attempt: 15 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
     shell:
         "gradspace model-card --model {input.model} --shards {input.shards} "
         "--out {output} > {log} 2>&1"

@@ -76,7 +76,9 @@ def validate_params(name: str, params: dict) -> dict:
     if p["channels"] not in (1, 3):
         raise ConfigError(f"dataset '{name}': params 'channels' must be 1 or 3, got {p['channels']!r}")
     tf = p["test_fraction"]
-    if isinstance(tf, bool) or not isinstance(tf, int | float) or not 0.0 < tf < 1.0:
+    # test_fraction None: this ID role has a source of its own (data.id.train / data.id.test),
+    # taken whole, without a random train/test split.
+    if tf is not None and (isinstance(tf, bool) or not isinstance(tf, int | float) or not 0.0 < tf < 1.0):
         raise ConfigError(f"dataset '{name}': params 'test_fraction' must be in (0, 1), got {tf!r}")
     n_src = src.get("n")
     if n_src is not None:
@@ -135,10 +137,10 @@ def prepare_dataset(name: str, params: dict, seed: int, out) -> dict:
         raise DataError(f"dataset '{name}': {cat.description} has {cat.num_classes} classes but "
                         f"num_classes is {p['num_classes']}")
 
-    random_split = role in ID_ROLES and not source.natural_split
+    random_split = role in ID_ROLES and not source.natural_split and p["test_fraction"] is not None
     subsample = p["train_subsample"] if role == "id_train" else (None if source.generates_n else p["n"])
     pos = select(name, role, cat.labels, random_split=random_split,
-                 test_fraction=float(p["test_fraction"]), subsample=subsample, seed=int(seed))
+                 test_fraction=float(p["test_fraction"] or 0.0), subsample=subsample, seed=int(seed))
     n = int(pos.shape[0])
     if n == 0:
         raise DataError(f"dataset '{name}': no samples selected from {cat.description}")
@@ -232,7 +234,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "prepare", help="prepare one dataset: manifest.csv, info.json, images.zarr",
-        description=__doc__.split("\n\n")[0])
+        description="Prepare one dataset: manifest.csv, info.json and (array sources) images.zarr, "
+                    "written atomically to --out.")
     p.add_argument("--dataset", required=True, help="dataset name (id_train, id_test or an OOD name)")
     p.add_argument("--params", type=json_arg, required=True,
                    help='JSON object: {"role", "source": {"kind", ...}, "num_classes", "test_fraction", '

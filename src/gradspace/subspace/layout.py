@@ -74,8 +74,15 @@ class ParamLayout:
         return int(sum(self.sizes[i] for i in self.block_params(block)))
 
     def block_ranges(self, block: str) -> list[tuple[int, int]]:
-        """Flat (start, stop) ranges of the block's parameters in engine order."""
-        return [(self.offsets[i], self.offsets[i] + self.sizes[i]) for i in self.block_params(block)]
+        """Flat (start, stop) ranges of the block's parameters in engine order (adjacent merged)."""
+        out: list[tuple[int, int]] = []
+        for i in self.block_params(block):
+            a, z = self.offsets[i], self.offsets[i] + self.sizes[i]
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], z)
+            else:
+                out.append((a, z))
+        return out
 
     def check_blocks(self, blocks) -> list[str]:
         if blocks is None or blocks == "all":

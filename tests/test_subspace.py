@@ -1,0 +1,412 @@
+"""Gradient subspace (issue 4): statistics, PCA by block power iteration, AG, blocks,
+projection and resumability, checked against explicitly formed gradient matrices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from gradspace.errors import NumericalError, StoreError
+from gradspace.subspace import ag, power, project, stats
+from gradspace.subspace.diagnostics import reconstruction_errors
+from gradspace.subspace.layout import ParamLayout, build_layout
+from gradspace.subspace.operators import JvpVjpOperator, PerSampleOperator, energy
+from gradspace.runtime import Timer
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+class TinyCNN(nn.Module):
+    """conv-BN-ReLU-pool + linear head: 4·9 + 8 + 16·3 + 3 = 95 parameters."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(16, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(h, 2), 1))
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    m = TinyCNN()
+    with torch.no_grad():  # non-trivial BN running statistics (eval mode is used)
+        m.bn.running_mean.uniform_(-0.2, 0.2)
+        m.bn.running_var.uniform_(0.5, 1.5)
+        m.bn.weight.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def make_data(n=120, seed=1, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    proto = torch.randn(classes, 1, 6, 6, generator=g)
+    x = proto[y] + 0.5 * torch.randn(n, 1, 6, 6, generator=g)
+    return x, y
+
+
+def batches(x, y, bs=32):
+    return [(x[a:a + bs], y[a:a + bs], torch.arange(a, min(a + bs, len(x)))) for a in range(0, len(x), bs)]
+
+
+def reference_grads(model, x, T=1.0):
+    """∇θE per sample by torch.func (vmap of grad over functional_call), float64 numpy."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def e(p, xi):
+        return energy(functional_call(model, (p, buffers), (xi[None],)), T)[0]
+
+    g = vmap(grad(e), in_dims=(None, 0))(params, x)
+    return torch.cat([g[k].reshape(x.shape[0], -1) for k in params], 1).double().numpy()
+
+
+def layout_of(model, blocks="top"):
+    return build_layout(model, "all", blocks)
+
+
+def stats_of(model, x, layout, options=None, shards=2):
+    g = reference_grads(model, x)
+    parts = [{"count": np.int64(len(c)), "sum": c.sum(0), "sumsq": (c * c).sum(0)}
+             for c in np.array_split(g, shards)]
+    return stats.reduce_moments(parts, layout, options), g
+
+
+def sine(A, B):
+    """Largest principal-angle sine between span(A) and span(B), same dimension."""
+    qa, _ = np.linalg.qr(A)
+    qb, _ = np.linalg.qr(B)
+    return float(np.linalg.norm(qa - qb @ (qb.T @ qa), 2))
+
+
+def full_basis(group, layout, key="V"):
+    """Reassemble V (P×K) in flat engine order from its block arrays."""
+    P = layout.num_params
+    first = np.asarray(group[f"{key}.{layout.block_names[0]}"][...])
+    V = np.zeros((P, first.shape[1]))
+    for b in layout.block_names:
+        Vb = np.asarray(group[f"{key}.{b}"][...])
+        r = 0
+        for a, z in layout.block_ranges(b):
+            V[a:z] = Vb[r:r + z - a]
+            r += z - a
+    return V
+
+
+# -- statistics --------------------------------------------------------------------------
+
+def test_stats_reduce_equals_direct_moments():
+    model = make_model()
+    x, _ = make_data()
+    layout = layout_of(model)
+    for opts in ({}, {"scale": "variance"}, {"mean": False}, {"scale": "none"}):
+        st, g = stats_of(model, x, layout, opts, shards=3)
+        M, sq = g.mean(0), (g * g).mean(0)
+        m = M if st.options["mean"] else 0 * M
+        d = {"second_moment": sq, "variance": g.var(0), "none": None}[st.options["scale"]]
+        s = np.ones_like(M) if d is None else 1 / np.sqrt(np.maximum(d, 1e-8 * d.mean()))
+        np.testing.assert_allclose(st.mean, m, rtol=1e-10, atol=1e-14)
+        np.testing.assert_allclose(st.scale, s, rtol=1e-8)
+        G = (g - m) * s
+        np.testing.assert_allclose(st.total_variance, (G * G).sum(1).mean(), rtol=1e-6)
+        assert st.count == len(x)
+
+
+def test_stats_partial_from_engine_matches_reference(tmp_path):
+    from gradspace.grads import GradientEngine
+
+    model = make_model()
+    x, y = make_data(40)
+    layout = layout_of(model)
+    sums = stats.accumulate_moments(GradientEngine(model, "all", "energy"), batches(x, y, 16), layout)
+    g = reference_grads(model, x)
+    np.testing.assert_allclose(sums["sum"], g.sum(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(sums["sumsq"], (g * g).sum(0), rtol=1e-4, atol=1e-8)
+    stats.save_partial(tmp_path / "p.npz", sums, layout)
+    z, lay, _ = stats.load_partial(tmp_path / "p.npz")
+    assert lay.names == layout.names and int(z["count"]) == 40
+
+
+def test_nonfinite_statistics_name_the_parameter():
+    model = make_model()
+    layout = layout_of(model)
+    P = layout.num_params
+    bad = {"count": np.int64(4), "sum": np.zeros(P), "sumsq": np.ones(P)}
+    pos = layout.offsets[layout.names.index("head.weight")] + 5
+    bad["sum"][pos] = np.nan
+    with pytest.raises(NumericalError, match=r"head\.weight\[0, 5\]"):
+        stats.reduce_moments([bad], layout)
+    zero = {"count": np.int64(4), "sum": np.zeros(P), "sumsq": np.ones(P)}
+    zero["sumsq"][layout.offsets[layout.names.index("bn.bias")] + 2] = 0.0
+    with pytest.raises(NumericalError, match=r"bn\.bias\[2\]"):
+        stats.reduce_moments([zero], layout, {"var_floor": 0.0})
+    st = stats.reduce_moments([zero], layout, {"var_floor": 1e-6})  # the floor keeps G finite
+    d_mean = 0.25 * (P - 1) / P  # diag(I) = Σg²/n = 1/4 except the zero entry
+    assert np.isfinite(st.scale).all() and st.scale.max() == pytest.approx(1 / np.sqrt(1e-6 * d_mean))
+    with pytest.raises(NumericalError, match="conv.weight"):
+        layout.check_finite("x", np.r_[np.inf, np.zeros(P - 1)])
+
+
+def test_stats_store_roundtrip(tmp_path):
+    model = make_model()
+    x, _ = make_data(30)
+    st, _ = stats_of(model, x, layout_of(model))
+    stats.write_stats(tmp_path / "stats.zarr", st)
+    back = stats.read_stats(tmp_path / "stats.zarr")
+    np.testing.assert_array_equal(back.mean, st.mean)
+    np.testing.assert_array_equal(back.scale, st.scale)
+    assert back.layout.names == st.layout.names and back.count == 30
+
+
+# -- operators and blocks -----------------------------------------------------------------
+
+def explicit_G(model, x, st):
+    g = reference_grads(model, x)
+    return (g - st.mean) * st.scale
+
+
+def random_V(layout, K, seed=0):
+    rng = np.random.default_rng(seed)
+    return {b: torch.as_tensor(rng.standard_normal((layout.block_size(b), K)), dtype=torch.float32)
+            for b in layout.block_names}
+
+
+def test_operators_match_explicit_products_and_blocks_sum():
+    from gradspace.grads import GradientEngine
+
+    model = make_model()
+    x, _ = make_data(48)
+    layout = layout_of(model, "top")  # conv / bn / head blocks
+    assert len(layout.block_names) == 3
+    st, _ = stats_of(model, x, layout)
+    G = explicit_G(model, x, st)
+    V = random_V(layout, 5)
+    Vfull = np.zeros((layout.num_params, 5))
+    for b in layout.block_names:
+        (a, z), = layout.block_ranges(b)
+        Vfull[a:z] = V[b].numpy()
+    U = torch.randn(48, 5, generator=torch.Generator().manual_seed(3))
+    ops = [JvpVjpOperator(model, layout, st, direction_chunk=2),
+           PerSampleOperator(model, layout, st, engine=GradientEngine(model, "all", "energy"))]
+    for op in ops:
+        gv = op.gv(x, V).double().numpy()
+        np.testing.assert_allclose(gv, G @ Vfull, rtol=1e-4, atol=1e-4 * np.abs(G @ Vfull).max())
+        # per-block products summed equal the whole
+        parts = sum(op.gv(x, {b: V[b]}).double().numpy() for b in layout.block_names)
+        np.testing.assert_allclose(parts, gv, rtol=1e-5, atol=1e-5 * np.abs(gv).max())
+        gtu = op.gtu(x, U)
+        ref = G.T @ U.double().numpy()
+        for b in layout.block_names:
+            (a, z), = layout.block_ranges(b)
+            np.testing.assert_allclose(gtu[b].double().numpy(), ref[a:z], rtol=1e-4,
+                                       atol=1e-4 * np.abs(ref).max())
+            only = op.gtu(x, U, [b])
+            assert list(only) == [b]
+            np.testing.assert_allclose(only[b].numpy(), gtu[b].numpy(), rtol=1e-5, atol=1e-6)
+
+
+# -- PCA ------------------------------------------------------------------------------------
+
+def exact_top(model, x, st, k):
+    G = explicit_G(model, x, st)
+    w, E = np.linalg.eigh(G.T @ G)
+    order = np.argsort(w)[::-1]
+    return w[order] / len(x), E[:, order[:k]], G
+
+
+@pytest.mark.parametrize("method", ["jvp_vjp", "persample"])
+def test_pca_matches_exact_eigenvectors(tmp_path, method):
+    from gradspace.grads import GradientEngine
+
+    model = make_model()
+    x, y = make_data()
+    layout = layout_of(model, {"max_params": 40})  # blocks that split the conv weight from the rest
+    st, _ = stats_of(model, x, layout)
+    k, p = 2, 8
+    w, E, _ = exact_top(model, x, st, k)
+    assert w[k - 1] / w[k + p] > 5, "test needs a separated spectrum"
+    engine = GradientEngine(model, "all", "energy") if method == "persample" else None
+    op = (PerSampleOperator(model, layout, st, engine=engine) if engine
+          else JvpVjpOperator(model, layout, st))
+    diags = power.iterate_in_memory(op, lambda: batches(x, y), layout, k, p, 25, seed=0,
+                                    workdir=tmp_path, stats=st)
+    g, attrs, _ = power.read_basis(tmp_path / "subspace.zarr", "subspace")
+    V = full_basis(g, layout)
+    assert V.shape == (layout.num_params, k)
+    np.testing.assert_allclose(V.T @ V, np.eye(k), atol=1e-5)
+    assert sine(V, E) <= 1e-3
+    np.testing.assert_allclose(attrs["eigenvalues"], w[:k], rtol=1e-4)
+    ratio = np.asarray(attrs["explained_variance_ratio"])
+    np.testing.assert_allclose(ratio, w[:k] / w.sum(), rtol=1e-4)
+    # diagnostics: subspace change decreases, captured variance grows to the top-K' value
+    assert diags[-1]["subspace_change_topk"] < 1e-3 < 1e-1 < diags[0]["subspace_change_topk"]
+    assert diags[-1]["captured_variance"] == pytest.approx(w[:k + p].sum() / w.sum(), rel=1e-3)
+    np.testing.assert_allclose(diags[-1]["ritz_values"][:k], w[:k], rtol=1e-4)
+
+
+def test_operators_give_the_same_subspace(tmp_path):
+    from gradspace.grads import GradientEngine
+
+    model = make_model()
+    x, y = make_data()
+    layout = layout_of(model)
+    st, _ = stats_of(model, x, layout)
+    out = []
+    for i, op in enumerate([JvpVjpOperator(model, layout, st),
+                            PerSampleOperator(model, layout, st, engine=GradientEngine(model))]):
+        power.iterate_in_memory(op, lambda: batches(x, y), layout, 2, 8, 20, 0, tmp_path / str(i), st)
+        out.append(full_basis(power.read_basis(tmp_path / str(i) / "subspace.zarr")[0], layout))
+    assert sine(out[0], out[1]) <= 1e-3
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path):
+    model = make_model()
+    x, y = make_data()
+    layout = layout_of(model)
+    st, _ = stats_of(model, x, layout)
+    op = JvpVjpOperator(model, layout, st)
+    T = 5
+    power.iterate_in_memory(op, lambda: batches(x, y), layout, 3, 4, T, 0, tmp_path / "full", st)
+
+    calls = {"n": 0}
+
+    def crashing():
+        calls["n"] += 1
+        if calls["n"] == 3:  # iteration t = 2 dies in its partial job
+            raise KeyboardInterrupt
+        return batches(x, y)
+
+    work = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        power.iterate_in_memory(op, crashing, layout, 3, 4, T, 0, work, st)
+    assert (work / "V-002.zarr").exists() and not (work / "V-003.zarr").exists()
+    assert not list(work.glob("partial-002*"))  # nothing half-written
+    stamp = (work / "V-001.zarr" / "zarr.json").stat().st_mtime_ns
+    power.iterate_in_memory(op, lambda: batches(x, y), layout, 3, 4, T, 0, work, st, start=2)
+    assert (work / "V-001.zarr" / "zarr.json").stat().st_mtime_ns == stamp  # not redone
+    a = power.read_basis(tmp_path / "full" / "subspace.zarr")[0]
+    b = power.read_basis(work / "subspace.zarr")[0]
+    for name in a.array_keys():
+        np.testing.assert_array_equal(np.asarray(a[name][...]), np.asarray(b[name][...]))
+    assert dict(a.attrs)["eigenvalues"] == dict(b.attrs)["eigenvalues"]
+
+
+def test_reduce_checks_partials(tmp_path):
+    model = make_model()
+    x, y = make_data(64)
+    layout = layout_of(model)
+    st, _ = stats_of(model, x, layout)
+    op = JvpVjpOperator(model, layout, st)
+    power.init_basis(tmp_path / "V0.zarr", layout, 2, 2, 0)
+    g, _, _ = power.read_basis(tmp_path / "V0.zarr")
+    V = power.load_basis_tensors(g, layout)
+    paths = []
+    for s, part in enumerate((batches(x[:32], y[:32]), batches(x[32:], y[32:]))):
+        W, n = power.partial_products(op, part, V)
+        paths.append(tmp_path / f"p{s}.zarr")
+        power.write_partial(paths[-1], layout, W, n, {"iteration": 0, "shard": s, "method": op.method})
+    with pytest.raises(StoreError, match="missing or extra"):
+        power.reduce_iteration(tmp_path / "V0.zarr", paths[:1], tmp_path / "V1.zarr", st)
+    diag = power.reduce_iteration(tmp_path / "V0.zarr", paths, tmp_path / "V1.zarr", st)
+    assert diag["n"] == 64 and 0 < diag["captured_variance"] < 1
+    # two shard partials summed equal one partial over all samples
+    W_all, _ = power.partial_products(op, batches(x, y), V)
+    z = [power.read_basis(p, "pca_partial")[0] for p in paths]
+    for b in layout.block_names:
+        np.testing.assert_allclose(np.asarray(z[0][f"W.{b}"]) + np.asarray(z[1][f"W.{b}"]), W_all[b],
+                                   rtol=1e-5, atol=1e-7)
+
+
+def test_tsqr_orthonormal_even_when_rank_deficient():
+    rng = np.random.default_rng(0)
+    W = {"a": rng.standard_normal((30, 6)), "b": rng.standard_normal((4, 6))}
+    W["a"][:, 5] = W["a"][:, 0]  # rank deficient
+    W["b"][:, 5] = W["b"][:, 0]
+    get, R = power.tsqr(["a", "b"], W.__getitem__)
+    Q = np.vstack([get("a"), get("b")])
+    np.testing.assert_allclose(Q.T @ Q, np.eye(6), atol=1e-12)
+    np.testing.assert_allclose(Q @ R, np.vstack([W["a"], W["b"]]), atol=1e-12)
+    assert (np.diag(R) >= 0).all()
+
+
+# -- AG -------------------------------------------------------------------------------------
+
+def test_ag_equals_explicit_class_means(tmp_path):
+    model = make_model()
+    x, y = make_data(90)
+    layout = layout_of(model)
+    st, _ = stats_of(model, x, layout)
+    G = explicit_G(model, x, st)
+    means = np.stack([G[y.numpy() == c].mean(0) for c in range(3)], 1)
+    op = JvpVjpOperator(model, layout, st)
+    paths = []
+    for s, (lo, hi) in enumerate(((0, 50), (50, 90))):
+        sums, counts = ag.class_sums(op, batches(x[lo:hi], y[lo:hi], 16), 3)
+        paths.append(tmp_path / f"ag{s}.zarr")
+        ag.write_ag_partial(paths[-1], layout, sums, counts, {"shard": s})
+    info = ag.reduce_ag(paths, layout, tmp_path / "ag.zarr", True, st)
+    g, _, _ = power.read_basis(tmp_path / "ag.zarr", "subspace")
+    M = full_basis(g, layout, "means")
+    np.testing.assert_allclose(M, means, rtol=1e-4, atol=1e-5 * np.abs(means).max())
+    V = full_basis(g, layout)
+    np.testing.assert_allclose(V.T @ V, np.eye(3), atol=1e-5)
+    assert sine(V, means) < 1e-4 and info["k"] == 3 and info["counts"] == [30, 30, 30]
+
+
+# -- projection -----------------------------------------------------------------------------
+
+def test_projection_and_reconstruction_error(tmp_path):
+    from gradspace.grads import GradientEngine
+
+    model = make_model()
+    x, y = make_data(60)
+    layout = layout_of(model)
+    st, _ = stats_of(model, x, layout)
+    G = explicit_G(model, x, st)
+    rng = np.random.default_rng(0)
+    Q, _ = np.linalg.qr(rng.standard_normal((layout.num_params, 4)))
+    V = {b: torch.as_tensor(layout.take(Q.T, b).T.copy(), dtype=torch.float32) for b in layout.block_names}
+    op = PerSampleOperator(model, layout, st, engine=GradientEngine(model))
+    timer = Timer()
+    project.write_reduced(tmp_path / "r.zarr", 60, 4, project.project_batches(op, batches(x, y), V, timer),
+                          {"k": 4, "blocks": layout.block_names})
+    from gradspace.store import open_store
+
+    z = open_store(tmp_path / "r.zarr")
+    np.testing.assert_allclose(np.asarray(z["reduced"]), G @ Q, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(z["index"]), np.arange(60))
+    rec = reconstruction_errors([tmp_path / "r.zarr"])
+    exact = np.linalg.norm(G - G @ Q @ Q.T, axis=1) / np.linalg.norm(G, axis=1)
+    np.testing.assert_allclose(rec, exact, rtol=1e-3)
+    assert set(timer.totals) == {"gradient", "projection"}
+    # per-block parts merged equal the whole
+    parts = []
+    for b in layout.block_names:
+        parts.append(tmp_path / f"r-{b}.zarr")
+        project.write_reduced(parts[-1], 60, 4, project.project_batches(op, batches(x, y), {b: V[b]}, timer),
+                              {"k": 4, "blocks": [b]})
+    project.merge_parts(parts, tmp_path / "m.zarr", layout.block_names)
+    m = open_store(tmp_path / "m.zarr")
+    np.testing.assert_allclose(np.asarray(m["reduced"]), np.asarray(z["reduced"]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(m["gnorm2"]), np.asarray(z["gnorm2"]), rtol=1e-6)
+    with pytest.raises(StoreError, match="cover blocks"):
+        project.merge_parts(parts[:1], tmp_path / "bad.zarr", layout.block_names)
+
+
+def test_layout_blocks_and_serialization():
+    model = make_model()
+    lay = layout_of(model, "single")
+    assert lay.block_names == ["00_all"] and lay.num_params == 95
+    lay2 = layout_of(model, {"max_params": 40})
+    assert sum(lay2.block_size(b) for b in lay2.block_names) == 95
+    assert ParamLayout.from_dict(lay2.to_dict()).blocks == lay2.blocks
+    assert lay.locate_flat(36) == "bn.weight[0]"
