@@ -266,7 +266,8 @@ class _TinyModel(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.s1 = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU())
-        self.s2 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.s2 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                nn.Flatten())
         self.head = nn.Linear(4, 3)
         self.stage_names = ["s1", "s2"]
 
@@ -345,7 +346,7 @@ def test_stored_grad_score_reads_named_array():
 
 # -- model-pass scores (gradspace grad-scores) -----------------------------------------------------
 def _scorer_model():
-    from test_grads_engine import tiny_cnn  # noqa: PLC0415  (same tests directory)
+    from test_grads_engine import tiny_cnn  # same tests directory (pytest rootdir import)
 
     return tiny_cnn(num_classes=4)
 
@@ -386,9 +387,8 @@ def test_grad_scorer_last_layer_equals_closed_form_detectors():
 
 
 def test_grad_scorer_all_params_matches_naive_loop():
-    from test_grads_engine import naive_loop  # noqa: PLC0415
-
     from gradspace.grads.commands import GradScorer, parse_params
+    from test_grads_engine import naive_loop
 
     model = _scorer_model()
     x = torch.randn(6, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2))

@@ -180,10 +180,13 @@ def test_auto_strategy_rule():
     model = tiny_cnn()
     assert GradientEngine(model, params="last").strategy_used == "closed_form"
     assert GradientEngine(model, params="last_weight").strategy_used == "closed_form"
-    # on CPU: small selections use vmap; plain nn.Module without forward_features too
-    assert GradientEngine(model, params="all").strategy_used == "vmap"
+    # on CPU: small selections use layer hooks when every layer has a rule, else vmap;
+    # a plain nn.Module without forward_features gets no closed form
+    assert GradientEngine(model, params="all").strategy_used == "hooks"
     plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).double()
-    assert GradientEngine(plain, params="last").strategy_used == "vmap"
+    assert GradientEngine(plain, params="last").strategy_used == "hooks"
+    ln = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double()
+    assert GradientEngine(ln, params="all").strategy_used == "vmap"
 
 
 def test_losses_and_logit_gradients():

@@ -96,7 +96,6 @@ def test_slurm_profile_scales_resources_with_attempt_and_falls_back(tmp_path: Pa
     assert jobs["report"]["slurm_account"] == ""
 
 
-
 def test_overlay_overrides_partition_gpus_and_sizes(tmp_path: Path) -> None:
     jobs = _dry_run_resources(
         tmp_path, "--workflow-profile", str(OVERLAY), GRADSPACE_SLURM_PARTITION="cpuq",

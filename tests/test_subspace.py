@@ -358,8 +358,21 @@ def test_ag_equals_explicit_class_means(tmp_path):
     M = full_basis(g, layout, "means")
     np.testing.assert_allclose(M, means, rtol=1e-4, atol=1e-5 * np.abs(means).max())
     V = full_basis(g, layout)
-    np.testing.assert_allclose(V.T @ V, np.eye(3), atol=1e-5)
-    assert sine(V, means) < 1e-4 and info["k"] == 3 and info["counts"] == [30, 30, 30]
+    # centred gradients: Σ_c n_c μ_c = 0, so the class means span C − 1 = 2 dimensions
+    assert info["rank"] == info["k"] == 2 and info["classes"] == 3 and info["counts"] == [30, 30, 30]
+    np.testing.assert_allclose(V.T @ V, np.eye(2), atol=1e-5)
+    assert np.linalg.norm(means - V @ (V.T @ means)) < 1e-5 * np.linalg.norm(means)
+    # without the centring the C means are independent and span V exactly
+    st2 = stats.reduce_moments([{"count": np.int64(90), "sum": st.mean * 0, "sumsq": st.scale ** -2 * 90}],
+                               layout, {"mean": False})
+    op2 = JvpVjpOperator(model, layout, st2)
+    sums, counts = ag.class_sums(op2, batches(x, y), 3)
+    ag.write_ag_partial(tmp_path / "raw.zarr", layout, sums, counts, {"shard": 0})
+    info2 = ag.reduce_ag([tmp_path / "raw.zarr"], layout, tmp_path / "ag2.zarr", True)
+    V2 = full_basis(power.read_basis(tmp_path / "ag2.zarr")[0], layout)
+    G2 = reference_grads(model, x) * st2.scale
+    raw_means = np.stack([G2[y.numpy() == c].mean(0) for c in range(3)], 1)
+    assert info2["k"] == 3 and sine(V2, raw_means) < 1e-4
 
 
 # -- projection -----------------------------------------------------------------------------
@@ -405,7 +418,8 @@ def test_projection_and_reconstruction_error(tmp_path):
 def test_layout_blocks_and_serialization():
     model = make_model()
     lay = layout_of(model, "single")
-    assert lay.block_names == ["00_all"] and lay.num_params == 95
+    assert lay.block_names == ["all"] and lay.num_params == 95
+    assert layout_of(model, "top").block_names == ["00_conv", "01_bn", "02_head"]
     lay2 = layout_of(model, {"max_params": 40})
     assert sum(lay2.block_size(b) for b in lay2.block_names) == 95
     assert ParamLayout.from_dict(lay2.to_dict()).blocks == lay2.blocks

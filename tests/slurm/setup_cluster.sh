@@ -53,9 +53,15 @@ die() {
     exit 1
 }
 
+running() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
 # True when the controller answers and at least one node is usable.
 cluster_usable() {
     command -v sinfo >/dev/null 2>&1 || return 1
+    # Our own config but no controller running: skip sinfo's ~10 s connect timeout.
+    if [[ -f $CONF ]] && grep -qF "$MARKER" "$CONF" && ! running /run/slurmctld.pid; then
+        return 1
+    fi
     local states
     states=$(timeout 10 sinfo -h -N -o '%T' 2>/dev/null) || return 1
     grep -qE '^(idle|mixed|allocated|completing)' <<<"$states"
@@ -198,7 +204,6 @@ touch "$LOG_DIR/slurmd.log" "$LOG_DIR/slurmctld.log"
 chown "$SLURM_USER":"$SLURM_USER" "$LOG_DIR/slurmctld.log"
 
 # ---------------------------------------------------------------- daemons
-running() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
 if running /run/slurmctld.pid; then
     log "slurmctld already running (pid $(cat /run/slurmctld.pid))"

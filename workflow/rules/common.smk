@@ -139,20 +139,10 @@ def detector_params(name):
     return {"method": d["method"], "hparams": d["hparams"]}
 
 
-def score_inputs(wc):
-    inputs = {"fitted": f"{R}/detectors/feature/{wc.detector}.npz"}
-    if DETECTORS[wc.detector]["needs_model"]:
-        inputs["model"] = MODEL
-        inputs["data"] = f"{R}/data/{wc.dataset}"
-    else:
-        inputs["shards"] = shard_stores(wc.dataset)
-    return inputs
-
-
-def score_sources(wc, input):
-    if DETECTORS[wc.detector]["needs_model"]:
-        return f"--model {input.model} --data-dir {input.data}"
-    return "--shards " + " ".join(input.shards)
+def detector_regex(model_pass):
+    """Regex of the detector instances that do (or do not) need a model pass to score."""
+    names = [n for n, d in DETECTORS.items() if d["needs_model"] == model_pass]
+    return "|".join(names) if names else "__none__"
 
 
 def feature_score_files():

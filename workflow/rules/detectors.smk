@@ -32,22 +32,46 @@ rule fit_detector:
 
 rule score_detector:
     input:
-        unpack(score_inputs),
+        fitted=f"{R}/detectors/feature/{{detector}}.npz",
+        shards=lambda wc: shard_stores(wc.dataset),
     output:
         f"{R}/scores/feature/{{detector}}/{{dataset}}.npy",
-    params:
-        sources=score_sources,
-        compute=jarg(norm_params()),
+    wildcard_constraints:
+        detector=detector_regex(model_pass=False),
     log:
         f"{LOGS}/score/feature/{{detector}}/{{dataset}}.log",
     benchmark:
         f"{BENCH}/score/feature/{{detector}}/{{dataset}}.tsv"
-    threads: lambda wc: 2 if DETECTORS[wc.detector]["needs_model"] else 1
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
     conda:
         "../../envs/gradspace.yaml"
     shell:
-        "GRADSPACE_THREADS={threads} gradspace score --fitted {input.fitted} {params.sources} "
-        "--params {params.compute} --out {output} > {log} 2>&1"
+        "gradspace score --fitted {input.fitted} --shards {input.shards} --out {output} > {log} 2>&1"
+
+
+rule score_model_detector:
+    input:
+        fitted=f"{R}/detectors/feature/{{detector}}.npz",
+        model=MODEL,
+        data=f"{R}/data/{{dataset}}",
+    output:
+        f"{R}/scores/feature/{{detector}}/{{dataset}}.npy",
+    wildcard_constraints:
+        detector=detector_regex(model_pass=True),
+    params:
+        compute=jarg(norm_params()),
+    log:
+        f"{LOGS}/score/feature/{{detector}}/{{dataset}}.log",
+    benchmark:
+        f"{BENCH}/score/feature/{{detector}}/{{dataset}}.tsv"
+    threads: 2
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "GRADSPACE_THREADS={threads} gradspace score --fitted {input.fitted} --model {input.model} "
+        "--data-dir {input.data} --params {params.compute} --out {output} > {log} 2>&1"

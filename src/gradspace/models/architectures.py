@@ -250,7 +250,7 @@ class SmallCNN(nn.Module):
         self.fc = nn.Linear(c, num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                pass
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x):
         for i in range(self.num_blocks):

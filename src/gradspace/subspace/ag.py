@@ -7,8 +7,10 @@ labels) come from one ``gtu`` product of either operator (a single vmapped vjp f
 ``jvp_vjp``). The reduce divides by the class counts. The stored basis is orthonormalized
 by the same TSQR as the PCA (Gram–Schmidt order of the classes, diag(R) ≥ 0) so that
 projections G·V are coordinates in the span and ‖G − G V Vᵀ‖ is the reconstruction error
-of Table 2; ``orthonormalize: false`` keeps the raw class means as V (G·V = inner products
-with the class means). The raw means are stored as well (``means.<block>``), for the
+of Table 2. Columns whose R diagonal is below 1e-6 of the largest are dropped: with the
+centring by M the class means satisfy Σ_c n_c μ_c = 0, so the span has dimension C − 1
+(k is the rank, recorded with C). ``orthonormalize: false`` keeps the C raw class means as V
+(G·V = inner products with the class means, as the paper's eq. 4 reads literally). The raw means are stored as well (``means.<block>``), for the
 cosine-to-class-mean diagnostic (Table 13).
 """
 
@@ -80,15 +82,20 @@ def reduce_ag(partial_paths, layout: ParamLayout, out_path, orthonormalize: bool
     C = counts.size
     if orthonormalize:
         get, R = tsqr(layout.block_names, means)
-        rank = int((np.abs(np.diag(R)) > 1e-10 * np.abs(np.diag(R)).max()).sum())
+        r = np.abs(np.diag(R))
+        keep = np.flatnonzero(r > 1e-6 * r.max())
+        rank = int(keep.size)
+
+        def basis(b):
+            return get(b)[:, keep]
     else:
-        get, rank = means, None
-    info = {"kind": SUBSPACE_KIND, "type": "ag", "k": C, "n": n, "counts": counts.tolist(),
-            "orthonormal": bool(orthonormalize), "rank": rank,
+        basis, rank, keep = means, None, np.arange(C)
+    info = {"kind": SUBSPACE_KIND, "type": "ag", "k": int(keep.size), "classes": C, "n": n,
+            "counts": counts.tolist(), "orthonormal": bool(orthonormalize), "rank": rank,
             "total_variance": stats.total_variance if stats is not None else None, **dict(attrs or {})}
     with atomic_group(out_path, {"layout": layout.to_dict(), **info}) as g:
         for b in layout.block_names:
             mb = means(b)
             put_array(g, f"means.{b}", mb.astype(np.float32))
-            put_array(g, f"V.{b}", np.asarray(get(b) if orthonormalize else mb, dtype=np.float32))
+            put_array(g, f"V.{b}", np.asarray(basis(b), dtype=np.float32))
     return info

@@ -256,8 +256,8 @@ def cmd_project(a):
     write_reduced(a.out, n, K, project_batches(op, _batches(a.data_dir, a.shard, o, dev)(), V, timer, dev),
                   {"space": o["space"] or sattrs.get("type"), "subspace_type": sattrs.get("type"), "k": K,
                    "blocks": blocks, "shard": a.shard, "method": o["method"],
-                   "timing": {"seconds": dict(timer.totals), "n": n, "device": str(dev),
-                              "hardware": hardware_description(dev)}})
+                   "timing": {"n": n, "device": str(dev), "hardware": hardware_description(dev)}},
+                  timer)
     timer.totals["total"] = time.perf_counter() - t0
     _write_timing(a.timing, "project", timer, dev, n, {"method": o["method"], "k": K,
                                                        "num_params": layout.num_params})

@@ -49,7 +49,8 @@ def project_batches(op, batches, V: dict, timer, device=None):
         yield (np.asarray(rows), np.asarray(torch.as_tensor(y).cpu()), red, gn)
 
 
-def write_reduced(path, n_rows: int, K: int, batches_out, attrs: dict) -> None:
+def write_reduced(path, n_rows: int, K: int, batches_out, attrs: dict, timer=None) -> None:
+    """Write a reduced-gradient shard store; ``timer`` totals go to attrs["timing"]["seconds"]."""
     with ShardWriter(path, n_rows=n_rows, attrs={"kind": REDUCED_KIND, **attrs}) as w:
         w.create("reduced", (n_rows, K), "float32")
         w.create("labels", (n_rows,), "int64")
@@ -67,6 +68,8 @@ def write_reduced(path, n_rows: int, K: int, batches_out, attrs: dict) -> None:
             start += red.shape[0]
         if start != n_rows:
             raise StoreError(f"{path}: projected {start} samples, the shard has {n_rows}")
+        if timer is not None:
+            w.attrs["timing"] = {**dict(w.attrs.get("timing", {})), "seconds": dict(timer.totals)}
 
 
 def merge_parts(part_paths, out_path, all_blocks) -> dict:

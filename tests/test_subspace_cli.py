@@ -1,0 +1,145 @@
+"""The subspace CLI commands end to end on a tiny prepared dataset: statistics, PCA
+iterations (unrolled), AG, projection (whole and per block), diagnostics, gradient-space
+detectors through the generic fit/score commands, ensemble."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from gradspace.cli import main
+from gradspace.store import open_store
+
+models = pytest.importorskip("gradspace.models")
+if not hasattr(models, "load_model"):
+    pytest.skip("gradspace.models.load_model not available", allow_module_level=True)
+
+P = {"mean": [0.1307], "std": [0.3081], "batch_size": 16, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from gradspace.data import prepare_dataset
+    from gradspace.models import save_model
+    from gradspace.models.architectures import build_model
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("subspace_cli")
+    common = {"source": {"kind": "mnist_demo"}, "num_classes": 10, "test_fraction": 0.2,
+              "train_subsample": 60, "shards": 2, "image_size": 12, "channels": 1}
+    prepare_dataset("id_train", {"role": "id_train", **common}, seed=0, out=root / "id_train")
+    prepare_dataset("id_test", {"role": "id_test", **common, "n": 30}, seed=0, out=root / "id_test")
+    torch.manual_seed(0)
+    save_model(root / "model.pt", build_model("small_cnn", 10, 1, widths=(4, 6, 8)))
+    return root
+
+
+def run(*args):
+    assert main([str(a) for a in args]) == 0, args
+
+
+def test_subspace_pipeline(setup, capsys):
+    r = setup
+    model, tr, te = r / "model.pt", r / "id_train", r / "id_test"
+    sp = json.dumps({**P, "blocks": "stages"})
+    for s in (0, 1):
+        run("gradstats-partial", "--model", model, "--data-dir", tr, "--shard", s, "--params", sp,
+            "--out", r / f"stats/partial/shard-{s}.npz", "--timing", r / f"stats/timing-{s}.json")
+    run("gradstats-reduce", "--partials", r / "stats/partial/shard-0.npz", r / "stats/partial/shard-1.npz",
+        "--params", json.dumps({"normalize": {"scale": "second_moment"}}), "--out", r / "stats/stats.zarr")
+    st = open_store(r / "stats/stats.zarr")
+    assert dict(st.attrs)["count"] == 60
+    assert json.loads((r / "stats/timing-0.json").read_text())["seconds"]["gradient"] > 0
+
+    # PCA, T = 2 iterations unrolled + the final Rayleigh–Ritz pass
+    stats = r / "stats/stats.zarr"
+    run("pca-init", "--stats", stats, "--params", '{"k": 4, "oversample": 4, "seed": 0}',
+        "--out", r / "pca/V-000.zarr")
+    for t in range(3):
+        parts = []
+        for s in (0, 1):
+            parts.append(r / f"pca/iter-{t:03d}/shard-{s}.zarr")
+            run("pca-partial", "--model", model, "--data-dir", tr, "--shard", s, "--stats", stats,
+                "--basis", r / f"pca/V-{t:03d}.zarr", "--params", json.dumps({**P, "method": "jvp_vjp"}),
+                "--out", parts[-1])
+        if t < 2:
+            run("pca-reduce", "--basis", r / f"pca/V-{t:03d}.zarr", "--partials", *parts, "--stats", stats,
+                "--out", r / f"pca/V-{t + 1:03d}.zarr", "--diagnostics", r / f"pca/iter-{t:03d}/diag.json")
+    run("pca-finalize", "--basis", r / "pca/V-002.zarr", "--partials", *parts, "--stats", stats,
+        "--out", r / "pca/subspace.zarr")
+    diag = json.loads((r / "pca/iter-001/diag.json").read_text())
+    assert len(diag["ritz_values"]) == 8 and 0 < diag["captured_variance"] <= 1
+    pca = dict(open_store(r / "pca/subspace.zarr").attrs)
+    assert pca["k"] == 4 and pca["type"] == "pca" and len(pca["eigenvalues"]) == 4
+
+    # AG
+    for s in (0, 1):
+        run("ag-partial", "--model", model, "--data-dir", tr, "--shard", s, "--stats", stats,
+            "--params", json.dumps(P), "--out", r / f"ag/shard-{s}.zarr")
+    run("ag-reduce", "--partials", r / "ag/shard-0.zarr", r / "ag/shard-1.zarr", "--stats", stats,
+        "--out", r / "ag/subspace.zarr")
+    assert dict(open_store(r / "ag/subspace.zarr").attrs)["k"] == 9
+
+    # projection, whole and per block (merged)
+    for space in ("pca", "ag"):
+        for ds, d in (("id_train", tr), ("id_test", te)):
+            for s in (0, 1):
+                run("project", "--model", model, "--data-dir", d, "--shard", s, "--stats", stats,
+                    "--subspace", r / f"{space}/subspace.zarr", "--params", json.dumps(P),
+                    "--out", r / f"reduced/{space}/{ds}/shard-{s}.zarr",
+                    "--timing", r / f"reduced/{space}/{ds}/timing-{s}.json")
+    red = open_store(r / "reduced/pca/id_test/shard-0.zarr")
+    assert red["reduced"].shape[1] == 4 and "gnorm2" in red
+    assert set(dict(red.attrs)["timing"]["seconds"]) == {"gradient", "projection"}
+    g = open_store(r / "pca/subspace.zarr")
+    blocks = dict(g.attrs)["layout"]["blocks"]
+    parts = []
+    for b, _ in blocks:
+        parts.append(r / f"reduced/part-{b}.zarr")
+        run("project", "--model", model, "--data-dir", te, "--shard", 0, "--stats", stats,
+            "--subspace", r / "pca/subspace.zarr", "--blocks", b, "--params", json.dumps(P), "--out", parts[-1])
+    run("project-merge", "--parts", *parts, "--subspace", r / "pca/subspace.zarr", "--out", r / "merged.zarr")
+    np.testing.assert_allclose(np.asarray(open_store(r / "merged.zarr")["reduced"]), np.asarray(red["reduced"]),
+                               rtol=1e-4, atol=1e-5)
+
+    # diagnostics
+    red_args = []
+    for ds in ("id_train", "id_test"):
+        red_args += ["--reduced", f"{ds}=" + ",".join(str(r / f"reduced/pca/{ds}/shard-{s}.zarr") for s in (0, 1))]
+    run("subspace-diagnostics", "--subspace", r / "pca/subspace.zarr", *red_args, "--out-dir", r / "diag/pca")
+    summary = json.loads((r / "diag/pca/summary.json").read_text())
+    rec = {row["dataset"]: row for row in summary["reconstruction"]}
+    assert 0 < rec["id_train"]["mean"] < 1 and (r / "diag/pca/explained_variance.png").exists()
+    gd = ["--reduced", "pca:" + red_args[1], "--reduced", "pca:" + red_args[3]]
+    run("gradient-diagnostics", "--model", model, "--stats", stats, "--ag", r / "ag/subspace.zarr",
+        "--data", f"id_train={tr}", "--data", f"id_test={te}", *gd,
+        "--params", json.dumps({**P, "n_samples": 20}), "--out-dir", r / "diag/grad")
+    gdj = json.loads((r / "diag/grad/gradient_diagnostics.json").read_text())
+    assert gdj["nn_distances"][0]["dataset"] == "id_test" and "pca" in gdj["nn_distances"][0]
+    assert len(gdj["class_mean_cosine"]) == 2 and -1 <= gdj["class_mean_cosine"][0]["mean"] <= 1
+
+    # detectors through the generic fit/score commands, and the ensemble
+    train = [r / f"reduced/pca/id_train/shard-{s}.zarr" for s in (0, 1)]
+    test = [r / f"reduced/pca/id_test/shard-{s}.zarr" for s in (0, 1)]
+    run("fit", "--method", "grad_knn", "--params", '{"k": 3}', "--space", "pca", "--train", *train,
+        "--out", r / "det/knn.npz")
+    run("score", "--fitted", r / "det/knn.npz", "--shards", *test, "--out", r / "scores/knn.npy")
+    s = np.load(r / "scores/knn.npy")
+    assert s.shape == (30,) and np.isfinite(s).all()
+    np.save(r / "scores/f.npy", np.ones(30))
+    run("ensemble-scores", "--feature", r / "scores/f.npy", "--gradient", r / "scores/knn.npy",
+        "--out", r / "scores/ens.npy")
+    np.testing.assert_allclose(np.load(r / "scores/ens.npy"), 1 + s)
+
+
+def test_bad_input_exit_2(setup, capsys):
+    r = setup
+    code = main(["gradstats-partial", "--model", str(r / "model.pt"), "--data-dir", str(r / "id_train"),
+                 "--shard", "0", "--params", json.dumps({**P, "bogus": 1}), "--out", str(r / "x.npz")])
+    assert code == 2 and "bogus" in capsys.readouterr().err
+    code = main(["pca-init", "--stats", str(r / "missing.zarr"), "--out", str(r / "v.zarr")])
+    assert code == 2 and "missing.zarr" in capsys.readouterr().err
+    assert not (r / "x.npz").exists() and not (r / "v.zarr").exists()

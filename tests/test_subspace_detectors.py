@@ -1,0 +1,121 @@
+"""Detectors on reduced gradients (low-dimensional gradient paper §3.3) on small arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gradspace.detectors.base import FitContext, build_detector, get_detector, logsumexp, softmax
+from gradspace.errors import ConfigError, DataError
+from gradspace.subspace.detectors import ensemble_scores, head_bn, head_fc, train_head
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(1)
+
+
+def blobs(n=300, K=12, C=3, seed=0, shift=0.0):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % C
+    centers = rng.standard_normal((C, K)) * 3
+    return (centers[y] + rng.standard_normal((n, K)) + shift).astype(np.float32), y
+
+
+def test_registered_as_gradient_detectors():
+    for name in ("grad_msp", "grad_energy", "grad_react", "grad_bats", "grad_mahalanobis", "grad_knn"):
+        cls = get_detector(name)
+        assert cls.embedding == "gradient" and cls.requires == ("reduced", "labels")
+        assert cls.score_requires == ("reduced",) and cls.needs_fit
+    with pytest.raises(ConfigError, match="unknown hyperparameter"):
+        build_detector("grad_react", {"q": 1})
+
+
+def test_head_is_seeded_and_learns():
+    X, y = blobs()
+    a = train_head(X, y, 3, lr=0.01, batch_size=64, epochs=3, seed=5)
+    b = train_head(X, y, 3, lr=0.01, batch_size=64, epochs=3, seed=5)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    acc = (head_fc(a, head_bn(a, X)).argmax(1) == y).mean()
+    assert acc > 0.95
+
+
+def test_msp_and_energy_formulas_share_the_head():
+    X, y = blobs()
+    ctx = FitContext(num_classes=3, seed=1)
+    msp = build_detector("grad_msp", {"batch_size": 64})
+    en = build_detector("grad_energy", {"batch_size": 64, "temperature": 2.0})
+    msp.fit({"reduced": X, "labels": y}, ctx)
+    en.fit({"reduced": X, "labels": y}, ctx)
+    for k in ("fc_weight", "bn_mean"):
+        np.testing.assert_array_equal(msp.state[k], en.state[k])
+    Xt, _ = blobs(20, seed=3)
+    logits = head_fc(msp.state, head_bn(msp.state, Xt))
+    np.testing.assert_allclose(msp.score({"reduced": Xt}), softmax(logits).max(1))
+    np.testing.assert_allclose(en.score({"reduced": Xt}), 2.0 * logsumexp(logits / 2.0))
+    # BN in eval mode: (g − running mean)/sqrt(running var + eps)·γ + β
+    st = msp.state
+    z = (Xt[:1] - st["bn_mean"]) / np.sqrt(st["bn_var"] + 1e-5) * st["bn_weight"] + st["bn_bias"]
+    np.testing.assert_allclose(head_bn(st, Xt[:1]), z)
+
+
+def test_react_and_bats_clip_only_the_last_d_dims():
+    X, y = blobs(K=10)
+    ctx = FitContext(num_classes=3, seed=0)
+    react = build_detector("grad_react", {"d": 4, "percentile": 70, "batch_size": 64})
+    react.fit({"reduced": X, "labels": y}, ctx)
+    st = react.state
+    z_train = head_bn(st, X)
+    assert st["threshold"] == pytest.approx(np.percentile(z_train[:, -4:], 70))
+    Xt = X[:5].copy()
+    Xt[:, -1] += 100.0   # extreme values in the last dims are clipped ...
+    z = head_bn(st, Xt)
+    zc = z.copy()
+    zc[:, -4:] = np.minimum(zc[:, -4:], st["threshold"])
+    np.testing.assert_allclose(react.score({"reduced": Xt}), logsumexp(head_fc(st, zc)))
+    assert np.array_equal(zc[:, :6], z[:, :6])          # ... the first K − d are not
+    bats = build_detector("grad_bats", {"d": 4, "lam": 0.1, "batch_size": 64})
+    bats.fit({"reduced": X, "labels": y}, ctx)
+    st = bats.state
+    z = head_bn(st, Xt)
+    lo = st["bn_bias"][-4:] - 0.1 * np.abs(st["bn_weight"][-4:])
+    hi = st["bn_bias"][-4:] + 0.1 * np.abs(st["bn_weight"][-4:])
+    z[:, -4:] = np.clip(z[:, -4:], lo, hi)
+    np.testing.assert_allclose(bats.score({"reduced": Xt}), logsumexp(head_fc(st, z)))
+
+
+def test_mahalanobis_formula():
+    X, y = blobs(K=5)
+    det = build_detector("grad_mahalanobis")
+    det.fit({"reduced": X, "labels": y}, FitContext())
+    mus = np.stack([X[y == c].mean(0) for c in range(3)]).astype(np.float64)
+    R = X - mus[y]
+    P = np.linalg.inv(R.T.astype(np.float64) @ R / len(X))
+    q = np.random.default_rng(2).standard_normal((7, 5))
+    ref = np.max([-np.einsum("ij,jk,ik->i", q - m, P, q - m) for m in mus], axis=0)
+    np.testing.assert_allclose(det.score({"reduced": q}), ref, rtol=1e-6)
+
+
+def test_knn_formula_and_state_roundtrip():
+    X, y = blobs(n=60, K=6)
+    det = build_detector("grad_knn", {"k": 5})
+    det.fit({"reduced": X, "labels": y}, FitContext())
+    q = np.random.default_rng(4).standard_normal((9, 6)).astype(np.float32)
+    bank = X / np.linalg.norm(X, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    d = np.sort(np.linalg.norm(qn[:, None] - bank[None], axis=2), axis=1)[:, 4]
+    np.testing.assert_allclose(det.score({"reduced": q}), -d, rtol=1e-4)
+    other = build_detector("grad_knn", {"k": 5})
+    other.load_state_dict(det.state_dict())
+    np.testing.assert_array_equal(other.score({"reduced": q}), det.score({"reduced": q}))
+    with pytest.raises(DataError, match="negative"):
+        det.fit({"reduced": X, "labels": -np.ones(60, int)}, FitContext())
+
+
+def test_ensemble():
+    f, b = np.array([1.0, 2.0]), np.array([0.5, -1.0])
+    np.testing.assert_allclose(ensemble_scores(f, b, 2.0), [2.0, 0.0])
+    with pytest.raises(DataError):
+        ensemble_scores(f, b[:1])
