@@ -31,6 +31,7 @@ wildcard_constraints:
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/extract.smk"
+include: "workflow/rules/gradients.smk"
 include: "workflow/rules/detectors.smk"
 include: "workflow/rules/evaluate.smk"
 

@@ -10,11 +10,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from gradspace.errors import NumericalError, StoreError
+from gradspace.runtime import Timer
 from gradspace.subspace import ag, power, project, stats
 from gradspace.subspace.diagnostics import reconstruction_errors
 from gradspace.subspace.layout import ParamLayout, build_layout
 from gradspace.subspace.operators import JvpVjpOperator, PerSampleOperator, energy
-from gradspace.runtime import Timer
 
 
 @pytest.fixture(autouse=True)
@@ -237,7 +237,7 @@ def test_pca_matches_exact_eigenvectors(tmp_path, method):
     engine = GradientEngine(model, "all", "energy") if method == "persample" else None
     op = (PerSampleOperator(model, layout, st, engine=engine) if engine
           else JvpVjpOperator(model, layout, st))
-    diags = power.iterate_in_memory(op, lambda: batches(x, y), layout, k, p, 25, seed=0,
+    diags = power.iterate_in_memory(op, lambda: batches(x, y), layout, k, p, 15, seed=0,
                                     workdir=tmp_path, stats=st)
     g, attrs, _ = power.read_basis(tmp_path / "subspace.zarr", "subspace")
     V = full_basis(g, layout)
@@ -263,7 +263,7 @@ def test_operators_give_the_same_subspace(tmp_path):
     out = []
     for i, op in enumerate([JvpVjpOperator(model, layout, st),
                             PerSampleOperator(model, layout, st, engine=GradientEngine(model))]):
-        power.iterate_in_memory(op, lambda: batches(x, y), layout, 2, 8, 20, 0, tmp_path / str(i), st)
+        power.iterate_in_memory(op, lambda: batches(x, y), layout, 2, 8, 12, 0, tmp_path / str(i), st)
         out.append(full_basis(power.read_basis(tmp_path / str(i) / "subspace.zarr")[0], layout))
     assert sine(out[0], out[1]) <= 1e-3
 

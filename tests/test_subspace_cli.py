@@ -100,15 +100,17 @@ def test_subspace_pipeline(setup, capsys):
     for b, _ in blocks:
         parts.append(r / f"reduced/part-{b}.zarr")
         run("project", "--model", model, "--data-dir", te, "--shard", 0, "--stats", stats,
-            "--subspace", r / "pca/subspace.zarr", "--blocks", b, "--params", json.dumps(P), "--out", parts[-1])
+            "--subspace", r / "pca/subspace.zarr", "--blocks", b, "--params", json.dumps(P),
+            "--out", parts[-1])
     run("project-merge", "--parts", *parts, "--subspace", r / "pca/subspace.zarr", "--out", r / "merged.zarr")
-    np.testing.assert_allclose(np.asarray(open_store(r / "merged.zarr")["reduced"]), np.asarray(red["reduced"]),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(open_store(r / "merged.zarr")["reduced"]),
+                               np.asarray(red["reduced"]), rtol=1e-4, atol=1e-5)
 
     # diagnostics
     red_args = []
     for ds in ("id_train", "id_test"):
-        red_args += ["--reduced", f"{ds}=" + ",".join(str(r / f"reduced/pca/{ds}/shard-{s}.zarr") for s in (0, 1))]
+        stores = ",".join(str(r / f"reduced/pca/{ds}/shard-{s}.zarr") for s in (0, 1))
+        red_args += ["--reduced", f"{ds}={stores}"]
     run("subspace-diagnostics", "--subspace", r / "pca/subspace.zarr", *red_args, "--out-dir", r / "diag/pca")
     summary = json.loads((r / "diag/pca/summary.json").read_text())
     rec = {row["dataset"]: row for row in summary["reconstruction"]}

@@ -139,6 +139,26 @@ def detector_params(name):
     return {"method": d["method"], "hparams": d["hparams"]}
 
 
+def store_kind(detector):
+    """Which shard stores a detector reads: the gradient pass's or the extraction's."""
+    return "gradscores" if DETECTORS[detector]["method"] == "stored_grad_score" else "embeddings"
+
+
+def grad_scores_params():
+    g = config["gradients"]
+    return {**norm_params(), "params": g["params"], "strategy": g["strategy"],
+            "chunk_size": g["chunk_size"], "temperature": g["temperature"],
+            "precision": config["compute"]["precision"], "scores": g["scores"],
+            "seed": config["seed"]}
+
+
+def grad_scores_inputs(wc):
+    inputs = {"model": MODEL, "data": f"{R}/data/{wc.dataset}"}
+    if any(s["kind"] == "batchgrad" for s in config["gradients"]["scores"].values()):
+        inputs["ref"] = f"{R}/data/id_train"
+    return inputs
+
+
 def detector_regex(model_pass):
     """Regex of the detector instances that do (or do not) need a model pass to score."""
     names = [n for n, d in DETECTORS.items() if d["needs_model"] == model_pass]

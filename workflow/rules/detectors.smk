@@ -33,7 +33,7 @@ rule fit_detector:
 rule score_detector:
     input:
         fitted=f"{R}/detectors/feature/{{detector}}.npz",
-        shards=lambda wc: shard_stores(wc.dataset),
+        shards=lambda wc: shard_stores(wc.dataset, kind=store_kind(wc.detector)),
     output:
         f"{R}/scores/feature/{{detector}}/{{dataset}}.npy",
     wildcard_constraints:

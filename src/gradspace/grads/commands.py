@@ -343,4 +343,4 @@ def register(subparsers) -> None:
     p.add_argument("--ref-data-dir", default=None,
                    help="ID-train dataset for BatchGrad's reference points")
     p.add_argument("--out", required=True, help="output store gradscores/<dataset>/shard-K.zarr")
-    p.set_defaults(func=_cmd)
+    p.set_defaults(func=_cmd, runtime_into=("params",))

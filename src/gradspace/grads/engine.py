@@ -24,12 +24,12 @@ Strategies (interchangeable; all exact up to floating-point rounding):
 3. on CPU, for selections of at most ``CPU_BATCHED_MAX_PARAMS`` parameters: hooks when
    every selected layer has a per-sample rule (Linear, Conv2d, BatchNorm), else vmap;
    for larger selections: loop.
-   Measured with benchmarks/bench_grads.py on 2 shared CPU cores, torch 2.14, all-parameter
-   energy gradients: demo CNN (94k parameters) hooks 100 samples/s, vmap 34/s, loop 9.5/s,
-   naive loop 14/s (machine under heavy load; ratios repeatable); the issue's measurement
-   on an idle 2-core machine gave vmap 2.1k/s vs naive 1.3k/s. CIFAR ResNet-18 (11.2M):
-   the issue measured loop 21/s, hooks 8/s, vmap 5/s; our loaded run gave all three within
-   10% of the naive loop (loop 1.11×, vmap 1.06×, hooks 0.98×). vmap's batched
+   Measured with benchmarks/bench_grads.py on 2 shared CPU cores (load 4–6), torch 2.14,
+   all-parameter energy gradients, demo CNN (94k parameters): hooks 41–100 samples/s,
+   vmap 34–47/s, naive batch-size-1 loop 11–14/s (two runs) — batching wins 3–7× on small
+   networks (the issue's idle-machine run: vmap 2.1k/s vs naive 1.3k/s). CIFAR ResNet-18
+   (11.2M): the issue measured naive loop 21/s, hooks 8/s, vmap 5/s on an idle machine;
+   our loaded runs put all strategies within noise of the naive loop. vmap's batched
    convolution-weight gradients become grouped convolutions, and hooks materialize
    unfold(a) (N×Cin·k²×L) per layer — both costly once layers are wide and maps large —
    so past a few million parameters the per-sample loop, which calls the ordinary

@@ -67,7 +67,8 @@ def torchvision_weights(arch: str, weights: str | None = None):
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (ValueError, KeyError) as exc:
-        raise ModelError(f"torchvision:{arch}: unknown architecture or no pretrained weights ({exc})") from exc
+        raise ModelError(f"torchvision:{arch}: unknown architecture or no pretrained weights "
+                         f"({exc})") from exc
     members = list(enum)
     if not members:
         raise ModelError(f"torchvision:{arch} has no pretrained weights in torchvision")
@@ -262,14 +263,16 @@ def check_num_classes(model, expected: int, source: str = "model") -> None:
 
 def save_model(path: str | os.PathLike, model, meta: dict | None = None) -> None:
     """Write the normalized checkpoint atomically (temp file + rename); tensors on CPU.
-    ``meta`` must hold plain JSON-like values (it is read back with weights_only=True)."""
+    ``meta`` is stored as plain JSON values (it is read back with weights_only=True)."""
     import torch
 
     ckpt = {
         "format": FORMAT, "version": VERSION, "arch": model.arch, "num_classes": model.num_classes,
         "in_channels": model.in_channels, "arch_kwargs": dict(model.arch_kwargs),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "meta": dict(meta or {}),
+        # plain JSON types only (str subclasses such as torch.__version__ would not unpickle
+        # under weights_only=True)
+        "meta": json.loads(json.dumps(dict(meta or {}), default=str)),
     }
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)

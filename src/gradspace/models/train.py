@@ -90,7 +90,7 @@ def augment_cifar(x, generator, pad_value=None, padding: int = 4):
     dev = x.device
     xp = F.pad(x, (padding, padding, padding, padding), value=0.0)
     if pad_value is not None:
-        pv = torch.as_tensor(pad_value, dtype=x.dtype, device=dev).reshape(1, c, 1, 1)
+        pv = torch.as_tensor(pad_value, dtype=x.dtype, device=dev).reshape(1, -1, 1, 1).expand(1, c, 1, 1)
         border = torch.ones(1, 1, h + 2 * padding, w + 2 * padding, dtype=torch.bool, device=dev)
         border[..., padding:padding + h, padding:padding + w] = False
         xp = torch.where(border, pv.expand_as(xp), xp)
@@ -135,7 +135,8 @@ def train_model(model, batches: Callable[[int], Iterable], steps_per_epoch: int,
                           nesterov=bool(settings.nesterov), weight_decay=settings.weight_decay)
     pad_value = None
     if mean is not None and std is not None:
-        pad_value = [-m / s for m, s in zip(mean, std, strict=True)]
+        m_, s_ = np.broadcast_arrays(np.asarray(mean, float).ravel(), np.asarray(std, float).ravel())
+        pad_value = (-m_ / s_).tolist()
     total_steps = max(1, steps_per_epoch * settings.epochs)
     history: list[dict] = []
     step, seen_total = 0, 0

@@ -10,7 +10,8 @@ projections G·V are coordinates in the span and ‖G − G V Vᵀ‖ is the rec
 of Table 2. Columns whose R diagonal is below 1e-6 of the largest are dropped: with the
 centring by M the class means satisfy Σ_c n_c μ_c = 0, so the span has dimension C − 1
 (k is the rank, recorded with C). ``orthonormalize: false`` keeps the C raw class means as V
-(G·V = inner products with the class means, as the paper's eq. 4 reads literally). The raw means are stored as well (``means.<block>``), for the
+(G·V = inner products with the class means, as the paper's eq. 4 reads literally).
+The raw means are stored as well (``means.<block>``), for the
 cosine-to-class-mean diagnostic (Table 13).
 """
 

@@ -92,7 +92,8 @@ def _operator(method, model, stats, o, device):
     _layout_check(model, stats, "model vs. statistics")
     return make_operator(method, model, stats.layout, stats, stats.temperature, device,
                          params=stats.selection, chunk_size=int(o["chunk_size"]),
-                         direction_chunk=int(o["direction_chunk"]), strategy=o["strategy"])
+                         direction_chunk=int(o["direction_chunk"]), strategy=o["strategy"],
+                         precision=o["precision"])
 
 
 # -- gradstats ------------------------------------------------------------------------------
@@ -107,7 +108,8 @@ def cmd_gradstats_partial(a):
     dev = _device(o)
     model, _ = _model(a.model, dev)
     layout = build_layout(model, o["params"], o["blocks"])
-    eng = make_engine(model, o["params"], float(o["temperature"]), int(o["chunk_size"]), o["strategy"])
+    eng = make_engine(model, o["params"], float(o["temperature"]), int(o["chunk_size"]), o["strategy"],
+                      o["precision"])
     timer = Timer()
     with timer("total", dev):
         sums = accumulate_moments(eng, _batches(a.data_dir, a.shard, o, dev)(), layout, dev, timer)

@@ -39,12 +39,12 @@ def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def make_engine(model, params="all", temperature: float = 1.0, chunk_size: int = 64,
-                strategy: str = "auto"):
+                strategy: str = "auto", precision: str = "fp32"):
     """Per-sample energy-gradient engine of ``gradspace.grads``."""
     from ..grads import GradientEngine
 
     return GradientEngine(model, params=params, loss="energy", temperature=temperature,
-                          strategy=strategy, chunk_size=chunk_size)
+                          strategy=strategy, chunk_size=chunk_size, precision=precision)
 
 
 class _Base:
@@ -157,10 +157,10 @@ class PerSampleOperator(_Base):
     method = "persample"
 
     def __init__(self, model, layout, stats, temperature=1.0, device=None, engine=None,
-                 params="all", chunk_size: int = 64, strategy: str = "auto"):
+                 params="all", chunk_size: int = 64, strategy: str = "auto", precision: str = "fp32"):
         super().__init__(model, layout, stats, temperature, device)
         self.engine = engine if engine is not None else make_engine(model, params, temperature,
-                                                                    chunk_size, strategy)
+                                                                    chunk_size, strategy, precision)
         names = list(getattr(self.engine, "param_names", layout.names))
         if names != layout.names:
             raise ConfigError("gradient engine parameter order differs from the subspace layout "
@@ -198,10 +198,11 @@ class PerSampleOperator(_Base):
 
 
 def make_operator(method: str, model, layout, stats, temperature=1.0, device=None, engine=None,
-                  params="all", chunk_size: int = 64, direction_chunk: int = 64, strategy: str = "auto"):
+                  params="all", chunk_size: int = 64, direction_chunk: int = 64, strategy: str = "auto",
+                  precision: str = "fp32"):
     if method == "jvp_vjp":
         return JvpVjpOperator(model, layout, stats, temperature, device, direction_chunk)
     if method == "persample":
         return PerSampleOperator(model, layout, stats, temperature, device, engine, params, chunk_size,
-                                 strategy)
+                                 strategy, precision)
     raise ConfigError(f"subspace.method must be one of {METHODS}, got {method!r}")
