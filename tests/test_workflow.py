@@ -53,7 +53,7 @@ def test_report_and_card(tiny_run):
 
     card = json.loads((tiny_run / "model" / "card.json").read_text())
     assert card["num_parameters"] > 0
-    assert 0.5 < card["id_test_accuracy"] <= 1.0
+    assert 0.5 < card["id_accuracy"] <= 1.0
 
 
 def test_stores_hold_consistent_embeddings(tiny_run):

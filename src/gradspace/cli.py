@@ -27,6 +27,26 @@ COMMAND_MODULES = [
     "gradspace.subspace.commands",
 ]
 
+# Which module registers each subcommand, so that a job imports only what it runs
+# (an array-detector `score` job must not pay for importing torch). A test checks that
+# this table matches what the modules register.
+COMMANDS = {
+    "prepare": "gradspace.data.prepare",
+    "train": "gradspace.models.commands",
+    "load-model": "gradspace.models.commands",
+    "model-card": "gradspace.models.commands",
+    "extract": "gradspace.extract",
+    "fit": "gradspace.detectors.commands",
+    "score": "gradspace.detectors.commands",
+    "evaluate": "gradspace.metrics",
+    "report": "gradspace.report",
+    "grad-scores": "gradspace.grads.commands",
+    **{name: "gradspace.subspace.commands" for name in (
+        "gradstats-partial", "gradstats-reduce", "ag-partial", "ag-reduce", "pca-init",
+        "pca-partial", "pca-reduce", "pca-finalize", "project", "project-merge",
+        "subspace-diagnostics", "gradient-diagnostics", "ensemble-scores")},
+}
+
 
 def json_arg(text: str) -> dict:
     """argparse type for --params: a JSON object."""
@@ -73,14 +93,15 @@ def _merge_runtime_settings(args) -> None:
                     value[key] = runtime[key]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; ``modules`` limits which command modules are imported."""
     from . import __version__
 
     parser = argparse.ArgumentParser(prog="gradspace", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gradspace {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="command")
-    for mod in COMMAND_MODULES:
+    for mod in modules or COMMAND_MODULES:
         try:
             module = importlib.import_module(mod)
         except ModuleNotFoundError as exc:
@@ -92,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser([COMMANDS[command]] if command in COMMANDS else None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

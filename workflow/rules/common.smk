@@ -97,20 +97,29 @@ def norm_params():
     return {"mean": config["data"]["mean"], "std": config["data"]["std"]}
 
 
-def model_params():
-    m = config["model"]
+def train_params():
+    """Everything that changes the trained model (device and workers come at run time)."""
     d = config["data"]
     return {
-        "source": m["source"],
-        "arch": m["arch"],
-        "weights": m["weights"],
+        "arch": config["model"]["arch"],
         "num_classes": d["id"]["num_classes"],
         "in_channels": d["channels"],
         "image_size": d["image_size"],
         "mean": d["mean"],
         "std": d["std"],
-        "train": m["train"],
-        "compute": compute_params(),
+        "train": config["model"]["train"],
+    }
+
+
+def load_params():
+    """Settings of an externally trained model (torchvision cache or checkpoint)."""
+    d = config["data"]
+    return {
+        "arch": config["model"]["arch"],
+        "weights": config["model"]["weights"],
+        "num_classes": d["id"]["num_classes"],
+        "in_channels": d["channels"],
+        "image_size": d["image_size"],
     }
 
 

@@ -9,7 +9,7 @@ if config["model"]["source"] == "train":
         output:
             MODEL,
         params:
-            spec=jarg(model_params()),
+            spec=jarg(train_params()),
             seed=config["seed"],
         log:
             f"{LOGS}/train.log",
@@ -32,7 +32,7 @@ else:
             MODEL,
         params:
             source=shlex.quote(config["model"]["source"]),
-            spec=jarg(model_params()),
+            spec=jarg(load_params()),
         log:
             f"{LOGS}/load_model.log",
         benchmark:

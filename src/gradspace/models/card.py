@@ -48,9 +48,11 @@ def model_card(model_path: str, shard_paths: Sequence[str]) -> dict:
         "stages": model.stage_names,
         "typical_set_bn": model.typical_set_bn_name(),
         "id_test": {**id_accuracy(shard_paths), "shards": [str(p) for p in shard_paths]},
+        "num_parameters": total,
         "hardware": hardware_description(),
         "software": {"python": platform.python_version(), "torch": torch.__version__},
     }
+    card["id_accuracy"] = card["id_test"]["accuracy"]  # fraction, read by metrics/report
     for key in ("weights", "weights_file", "checkpoint_file"):
         if key in meta:
             card[key] = meta[key]

@@ -20,6 +20,13 @@ COMPUTE_KEYS = {"device", "num_workers"}
 LOAD_PARAM_KEYS = {"arch", "arch_kwargs", "num_classes", "in_channels", "weights", "image_size"}
 
 
+def _with_compute(params: dict, compute: dict) -> dict:
+    """Merge --compute (runtime settings) under params['compute']; params win."""
+    merged = {k: v for k, v in compute.items() if k in COMPUTE_KEYS}
+    merged.update(params.get("compute") or {})
+    return {**params, "compute": merged} if merged else dict(params)
+
+
 def _check_keys(params: dict, known: set, where: str) -> None:
     unknown = sorted(set(params) - known)
     if unknown:
@@ -119,11 +126,13 @@ def register(subparsers) -> None:
                         "train {epochs, batch_size, lr, momentum, nesterov, weight_decay, schedule, "
                         "milestones, gamma, augment}, compute {device, num_workers}")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compute", type=json_arg, default={},
+                   help="JSON {device, num_workers}; filled from $GRADSPACE_RUNTIME by the workflow")
     p.add_argument("--out", required=True, help="output checkpoint model.pt")
     p.add_argument("--log-json", default=None, help="optional training-curve JSON")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=lambda a: train_command(a.data_dir, a.params, a.seed, a.out, a.log_json,
-                                                progress=not a.no_progress))
+    p.set_defaults(func=lambda a: train_command(a.data_dir, _with_compute(a.params, a.compute), a.seed,
+                                                a.out, a.log_json, progress=not a.no_progress))
 
     p = subparsers.add_parser("load-model",
                               help="normalize torchvision:<arch> / checkpoint:<path> -> model.pt")

@@ -44,6 +44,7 @@ class TrainSettings:
     milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # fractions of epochs
     gamma: float = 0.1
     augment: str = "none"  # none | cifar
+    channels_last: bool = True  # NHWC memory format: ~1.7x faster CNN training on CPU
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = "train") -> TrainSettings:
@@ -128,6 +129,8 @@ def train_model(model, batches: Callable[[int], Iterable], steps_per_epoch: int,
 
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    model.to(memory_format=memory_format)
     if device.type == "cuda":
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
@@ -161,6 +164,8 @@ def train_model(model, batches: Callable[[int], Iterable], steps_per_epoch: int,
                                 f"[0, {num_classes}) (OOD rows or wrong num_classes?)")
             if settings.augment == "cifar":
                 x = augment_cifar(x, gen, pad_value)
+            if x.ndim == 4:
+                x = x.contiguous(memory_format=memory_format)
             lr = settings.lr * lr_factor(settings, step, epoch, total_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
