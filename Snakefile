@@ -26,12 +26,16 @@ wildcard_constraints:
     dataset="|".join(DATASETS),
     shard=r"\d+",
     detector="|".join(DETECTORS) if DETECTORS else "__none__",
+    gdetector="|".join(GRAD_DETECTORS) if GRAD_DETECTORS else "__none__",
+    space="pca|ag",
+    it=r"\d{3}",
 
 
 include: "workflow/rules/data.smk"
 include: "workflow/rules/model.smk"
 include: "workflow/rules/extract.smk"
 include: "workflow/rules/gradients.smk"
+include: "workflow/rules/subspace.smk"
 include: "workflow/rules/detectors.smk"
 include: "workflow/rules/evaluate.smk"
 
@@ -41,4 +45,6 @@ rule all:
         f"{R}/model/card.json",
         f"{R}/metrics.csv",
         f"{R}/report",
+        expand(f"{R}/diagnostics/{{space}}", space=SPACES),
+        [f"{R}/diagnostics/gradient"] if SPACES else [],
     default_target: True

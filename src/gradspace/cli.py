@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "gradspace.report",
     "gradspace.grads.commands",
     "gradspace.subspace.commands",
+    "gradspace.timing",
 ]
 
 # Which module registers each subcommand, so that a job imports only what it runs
@@ -41,6 +42,7 @@ COMMANDS = {
     "evaluate": "gradspace.metrics",
     "report": "gradspace.report",
     "grad-scores": "gradspace.grads.commands",
+    "timing-tables": "gradspace.timing",
     **{name: "gradspace.subspace.commands" for name in (
         "gradstats-partial", "gradstats-reduce", "ag-partial", "ag-reduce", "pca-init",
         "pca-partial", "pca-reduce", "pca-finalize", "project", "project-merge",

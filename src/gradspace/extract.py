@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, NumericalError
+from .runtime import paused_iter
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,8 @@ def extract_shard(model_path, data_dir, shard: int, out, params: dict | None = N
             w.create(k, (n,), "int64")
         pos = 0
         try:
-            for part in iter_extract(model, batches, device, params["precision"], timer,
-                                     channels_last=True):
+            parts = iter_extract(model, batches, device, params["precision"], timer, channels_last=True)
+            for part in paused_iter("extract", parts):
                 m = part["logits"].shape[0]
                 if pos + m > n:
                     raise NumericalError(f"{where}: loader yielded more than the {n} rows of the shard")

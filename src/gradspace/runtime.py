@@ -89,3 +89,12 @@ def pause_point(name: str) -> None:
         with open(marker, "a") as fh:
             fh.write(f"{name} {os.getpid()}\n")
     time.sleep(float(os.environ.get("GRADSPACE_PAUSE_SECONDS", "120")))
+
+
+def paused_iter(name: str, iterable):
+    """Yield from ``iterable``, passing ``pause_point(name)`` after the first item, i.e.
+    while the job is in the middle of its work (see ``pause_point``)."""
+    for i, item in enumerate(iterable):
+        yield item
+        if i == 0:
+            pause_point(name)

@@ -10,6 +10,7 @@ from gradspace import __version__ as GRADSPACE_VERSION
 from gradspace.cli import export_runtime_settings
 from gradspace.detectors.base import get_detector
 from gradspace.errors import ConfigError
+from gradspace.versions import code_version
 
 EXP = config["experiment"]
 R = f"results/{EXP}"
@@ -142,6 +143,44 @@ def _detector_table(section):
 
 DETECTORS = _detector_table(config["detectors"])
 
+# -- gradient subspace ---------------------------------------------------------------------
+SUB = config["subspace"]
+SPACES = list(SUB["types"]) if SUB["enabled"] else []
+STATS = f"{R}/subspace/stats/stats.zarr"
+THREADS = config["compute"]["threads"]
+GRAD_DETECTORS = _detector_table(SUB["detectors"]) if SPACES else {}
+ENSEMBLE = [d for d in SUB["ensemble"]["detectors"] if d in GRAD_DETECTORS and d in DETECTORS]
+
+
+def subspace_grad_params(stats=False):
+    """Params of the subspace commands that run per-sample gradients."""
+    p = {**norm_params(), "chunk_size": SUB["chunk_size"], "strategy": config["gradients"]["strategy"],
+         "direction_chunk": SUB["direction_chunk"], "precision": config["compute"]["precision"]}
+    if stats:  # the selection is fixed by the statistics; later commands read it from there
+        p.update({"params": SUB["params"], "blocks": SUB["blocks"], "temperature": SUB["temperature"]})
+    return p
+
+
+def pca_init_params():
+    return {"k": SUB["k"], "oversample": SUB["oversample"], "seed": config["seed"]}
+
+
+def pca_partials(it):
+    return [f"{R}/subspace/pca/iter-{it:03d}/shard-{k}.zarr" for k in range(n_shards("id_train"))]
+
+
+def reduced_args(space):
+    return " ".join(f"--reduced {ds}=" + ",".join(shard_stores(ds, kind=f"reduced/{space}"))
+                    for ds in DATASETS)
+
+
+def gradient_diagnostics_args():
+    args = [f"--ag {R}/subspace/ag/subspace.zarr"] if "ag" in SPACES else []
+    args += [f"--data {ds}={R}/data/{ds}" for ds in DATASETS]
+    args += [f"--reduced {sp}:{ds}=" + ",".join(shard_stores(ds, kind=f"reduced/{sp}"))
+             for sp in SPACES for ds in DATASETS]
+    return " ".join(args)
+
 
 def detector_params(name):
     d = DETECTORS[name]
@@ -179,8 +218,61 @@ def feature_score_files():
 
 
 def all_score_files():
-    return feature_score_files()
+    files = feature_score_files()
+    for space in SPACES:
+        for ds in ["id_test"] + OOD_SETS:
+            files += [f"{R}/scores/{space}/{n}/{ds}.npy" for n in GRAD_DETECTORS]
+            files += [f"{R}/scores/ensemble_{space}/{n}/{ds}.npy" for n in ENSEMBLE]
+    return files
 
 
 def detector_table_json():
-    return jarg({n: {"method": d["method"], "embedding": d["embedding"]} for n, d in DETECTORS.items()})
+    """Detector instance -> method and embedding, for metrics.csv and the paper tables.
+
+    Gradient-space instances carry the paper's method name (grad_msp -> msp) so that
+    the report can show each method with a Feature and a Gradient row (Table 3)."""
+    table = {n: {"method": d["method"], "embedding": d["embedding"]} for n, d in DETECTORS.items()}
+    for space in SPACES:
+        for n, d in GRAD_DETECTORS.items():
+            method = d["method"].removeprefix("grad_")
+            table[f"{space}/{n}"] = {"method": method, "embedding": f"gradient ({space.upper()})"}
+        for n in ENSEMBLE:
+            method = GRAD_DETECTORS[n]["method"].removeprefix("grad_")
+            table[f"ensemble_{space}/{n}"] = {"method": method,
+                                             "embedding": f"ensemble ({space.upper()})"}
+    return jarg(table)
+
+def report_extra_inputs():
+    if not SPACES:
+        return []
+    return ([f"{R}/timing", f"{R}/diagnostics/gradient"] + [f"{R}/diagnostics/{sp}" for sp in SPACES]
+            + [f"{R}/subspace/pca/diagnostics/iter-{t:03d}.json" for t in range(1, SUB["iterations"] + 1)
+               if "pca" in SPACES])
+
+
+def report_sections():
+    """Extra report tables: the paper's timing tables and the subspace diagnostics."""
+    if not SPACES:
+        return []
+    sec = [
+        {"title": "Table 11: subspace extraction time", "csv": f"{R}/timing/table11_subspace_time.csv",
+         "caption": "Time of every job that built each subspace (normalization statistics, AG "
+                    "class means or PCA power iterations), from the rules' benchmark files."},
+        {"title": "Table 12: per-image detection time", "csv": f"{R}/timing/table12_detection_time.csv",
+         "caption": "Per-image gradient (backward) and projection time from the projection jobs' "
+                    "in-job timers, and prediction time of each gradient-space detector."},
+    ]
+    for sp in SPACES:
+        d = f"{R}/diagnostics/{sp}"
+        sec.append({"title": f"Reconstruction error ({sp.upper()}, paper Tables 2 and 8)",
+                    "csv": f"{d}/reconstruction.csv",
+                    "caption": "||G - G V V^T|| / ||G|| per dataset: ID gradients live in the subspace, "
+                               "OOD gradients less so."})
+        sec.append({"title": f"Explained variance ({sp.upper()}, paper Fig. 8)",
+                    "image": f"{d}/explained_variance.png", "csv": f"{d}/explained_variance.csv"})
+    g = f"{R}/diagnostics/gradient"
+    sec.append({"title": "Nearest-neighbour distances, whole vs reduced space (paper Table 9)",
+                "csv": f"{g}/nn_distances.csv"})
+    sec.append({"title": "Cosine to the class-mean gradient (paper Table 13)",
+                "csv": f"{g}/class_mean_cosine.csv"})
+    return sec

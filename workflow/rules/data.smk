@@ -6,6 +6,7 @@ rule prepare:
     output:
         directory(f"{R}/data/{{dataset}}"),
     params:
+        code=code_version("prepare"),
         spec=lambda wc: jarg(prepare_params(wc.dataset)),
         seed=config["seed"],
     log:

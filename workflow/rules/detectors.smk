@@ -11,6 +11,7 @@ rule fit_detector:
     output:
         f"{R}/detectors/feature/{{detector}}.npz",
     params:
+        code=code_version("detectors"),
         method=lambda wc: DETECTORS[wc.detector]["method"],
         hparams=lambda wc: jarg(DETECTORS[wc.detector]["hparams"]),
         compute=jarg(norm_params()),
@@ -38,6 +39,8 @@ rule score_detector:
         f"{R}/scores/feature/{{detector}}/{{dataset}}.npy",
     wildcard_constraints:
         detector=detector_regex(model_pass=False),
+    params:
+        code=code_version("detectors"),
     log:
         f"{LOGS}/score/feature/{{detector}}/{{dataset}}.log",
     benchmark:
@@ -61,12 +64,13 @@ rule score_model_detector:
     wildcard_constraints:
         detector=detector_regex(model_pass=True),
     params:
+        code=code_version("detectors"),
         compute=jarg(norm_params()),
     log:
         f"{LOGS}/score/feature/{{detector}}/{{dataset}}.log",
     benchmark:
         f"{BENCH}/score/feature/{{detector}}/{{dataset}}.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,

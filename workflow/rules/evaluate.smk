@@ -9,6 +9,7 @@ rule evaluate:
         csv=report(f"{R}/metrics.csv", caption="../report/metrics.rst", category="Metrics"),
         md=f"{R}/metrics.md",
     params:
+        code=code_version("evaluate"),
         detectors=detector_table_json(),
         positive=config["metrics"]["positive"],
         ood=" ".join(OOD_SETS),
@@ -32,6 +33,7 @@ rule report:
         metrics=f"{R}/metrics.csv",
         card=f"{R}/model/card.json",
         scores=all_score_files(),
+        extra=report_extra_inputs(),
     output:
         report(
             directory(f"{R}/report"),
@@ -40,8 +42,10 @@ rule report:
             category="Report",
         ),
     params:
+        code=code_version("report"),
         title=shlex.quote(config["report"]["title"]),
         bench=BENCH,
+        sections=jarg(report_sections()),
     log:
         f"{LOGS}/report.log",
     benchmark:
@@ -54,4 +58,40 @@ rule report:
     shell:
         "gradspace report --metrics {input.metrics} --card {input.card} --scores {input.scores} "
         "--benchmarks $(find {params.bench} -name '*.tsv' 2>/dev/null | sort) "
-        "--title {params.title} --out-dir {output} > {log} 2>&1"
+        "--sections {params.sections} --title {params.title} --out-dir {output} > {log} 2>&1"
+
+
+rule timing_tables:
+    input:
+        card=f"{R}/model/card.json",
+        subspaces=expand(f"{R}/subspace/{{space}}/subspace.zarr", space=SPACES),
+        reduced=[s for sp in SPACES for ds in DATASETS for s in shard_stores(ds, kind=f"reduced/{sp}")],
+        fitted=[f"{R}/detectors/{sp}/{n}.npz" for sp in SPACES for n in GRAD_DETECTORS],
+    output:
+        report(
+            directory(f"{R}/timing"),
+            patterns=["{name}.csv"],
+            caption="../report/timing.rst",
+            category="Timing",
+        ),
+    params:
+        code=code_version("report"),
+        bench=BENCH,
+        subspaces=" ".join(f"--subspace {sp}={R}/subspace/{sp}/subspace.zarr" for sp in SPACES),
+        reduced=" ".join(
+            f"--reduced {sp}:{ds}=" + ",".join(shard_stores(ds, kind=f"reduced/{sp}"))
+            for sp in SPACES
+            for ds in ["id_test"] + OOD_SETS
+        ),
+    log:
+        f"{LOGS}/timing_tables.log",
+    benchmark:
+        f"{BENCH}/timing_tables.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 4000 * attempt,
+        runtime=lambda wc, attempt: 15 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace timing-tables --bench-dir {params.bench} --card {input.card} {params.subspaces} "
+        "{params.reduced} --fitted {input.fitted} --out-dir {output} > {log} 2>&1"

@@ -9,12 +9,13 @@ rule extract:
     output:
         directory(f"{R}/embeddings/{{dataset}}/shard-{{shard}}.zarr"),
     params:
+        code=code_version("extract"),
         spec=jarg(compute_params()),
     log:
         f"{LOGS}/extract/{{dataset}}/shard-{{shard}}.log",
     benchmark:
         f"{BENCH}/extract/{{dataset}}/shard-{{shard}}.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=lambda wc, attempt: 8000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,

@@ -9,13 +9,14 @@ rule grad_scores:
     output:
         directory(f"{R}/gradscores/{{dataset}}/shard-{{shard}}.zarr"),
     params:
+        code=code_version("gradients"),
         spec=jarg(grad_scores_params()),
         ref=lambda wc, input: f"--ref-data-dir {input.ref}" if "ref" in input.keys() else "",
     log:
         f"{LOGS}/grad_scores/{{dataset}}/shard-{{shard}}.log",
     benchmark:
         f"{BENCH}/grad_scores/{{dataset}}/shard-{{shard}}.tsv"
-    threads: 2
+    threads: THREADS
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 120 * attempt,

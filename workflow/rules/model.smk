@@ -9,13 +9,14 @@ if config["model"]["source"] == "train":
         output:
             MODEL,
         params:
+            code=code_version("model"),
             spec=jarg(train_params()),
             seed=config["seed"],
         log:
             f"{LOGS}/train.log",
         benchmark:
             f"{BENCH}/train.tsv"
-        threads: 2
+        threads: THREADS
         resources:
             mem_mb=lambda wc, attempt: 8000 * attempt,
             runtime=lambda wc, attempt: 120 * attempt,
@@ -31,6 +32,7 @@ else:
         output:
             MODEL,
         params:
+            code=code_version("model"),
             source=shlex.quote(config["model"]["source"]),
             spec=jarg(load_params()),
         log:
@@ -53,6 +55,8 @@ rule model_card:
         shards=shard_stores("id_test"),
     output:
         report(f"{R}/model/card.json", caption="../report/card.rst", category="Model"),
+    params:
+        code=code_version("model"),
     log:
         f"{LOGS}/model_card.log",
     benchmark:

@@ -1,8 +1,24 @@
 """Per-sample gradient engine (closed form, vmap, layer hooks, loop) and parameter
-selections; see ``engine.GradientEngine``."""
+selections; see ``engine.GradientEngine``.
 
-from .engine import STRATEGIES, GradientEngine
-from .losses import LOSSES
-from .params import find_head, select_params
+Names are resolved lazily so that numpy-only users of ``gradspace.grads.lastlayer``
+(the closed-form detectors) do not import torch.
+"""
 
-__all__ = ["GradientEngine", "select_params", "find_head", "LOSSES", "STRATEGIES"]
+import importlib
+
+_EXPORTS = {
+    "GradientEngine": ".engine",
+    "STRATEGIES": ".engine",
+    "LOSSES": ".losses",
+    "find_head": ".params",
+    "select_params": ".params",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -190,7 +190,7 @@ def cmd_pca_init(a):
 
 
 def cmd_pca_partial(a):
-    from ..runtime import Timer
+    from ..runtime import Timer, paused_iter
     from .power import load_basis_tensors, partial_products, read_basis, write_partial
 
     o = _opts(a.params, {"method": "jvp_vjp"}, "pca-partial")
@@ -203,7 +203,8 @@ def cmd_pca_partial(a):
     V = load_basis_tensors(group, layout, dev, a.basis)
     timer = Timer()
     with timer("total", dev):
-        W, n = partial_products(op, _batches(a.data_dir, a.shard, o, dev)(), V, a.blocks, timer, dev)
+        batches = paused_iter("pca-partial", _batches(a.data_dir, a.shard, o, dev)())
+        W, n = partial_products(op, batches, V, a.blocks, timer, dev)
     write_partial(a.out, layout, W, n, {"iteration": int(battrs["iteration"]), "shard": a.shard,
                                         "method": o["method"]})
     _write_timing(a.timing, "pca-partial", timer, dev, n,
@@ -238,7 +239,7 @@ def cmd_pca_finalize(a):
 
 def cmd_project(a):
     from ..data.loader import num_samples
-    from ..runtime import Timer, hardware_description
+    from ..runtime import Timer, hardware_description, paused_iter
     from .power import load_basis_tensors, read_basis
     from .project import project_batches, write_reduced
 
@@ -255,7 +256,8 @@ def cmd_project(a):
     n = num_samples(a.data_dir, a.shard)
     timer = Timer()
     t0 = time.perf_counter()
-    write_reduced(a.out, n, K, project_batches(op, _batches(a.data_dir, a.shard, o, dev)(), V, timer, dev),
+    batches = paused_iter("project", _batches(a.data_dir, a.shard, o, dev)())
+    write_reduced(a.out, n, K, project_batches(op, batches, V, timer, dev),
                   {"space": o["space"] or sattrs.get("type"), "subspace_type": sattrs.get("type"), "k": K,
                    "blocks": blocks, "shard": a.shard, "method": o["method"],
                    "timing": {"n": n, "device": str(dev), "hardware": hardware_description(dev)}},
@@ -369,6 +371,7 @@ def register(subparsers) -> None:
                        help="JSON: device, batch_size, num_workers, mean, std, chunk_size, strategy, "
                             "direction_chunk" + extra)
         p.add_argument("--timing", default=None, help="write in-job timers (JSON)")
+        p.set_defaults(runtime_into=("params",))
 
     p = add("gradstats-partial", cmd_gradstats_partial, "per-shard sums of ∇E and ∇E² (normalization stats)")
     p.add_argument("--model", required=True)

@@ -1,0 +1,347 @@
+# The gradient subspace of the low-dimensional gradient paper (Wu et al.):
+# normalization statistics of the energy gradient over ID train (per-shard partial sums,
+# one reduce), the average-gradient (AG) subspace, the PCA subspace by block power
+# iteration unrolled into one set of jobs per iteration (so an interrupted run resumes
+# at the last finished iteration), projection of every shard onto each subspace, and the
+# paper's detectors on the reduced gradients.
+
+
+rule gradstats_partial:
+    input:
+        model=MODEL,
+        data=f"{R}/data/id_train",
+    output:
+        f"{R}/subspace/stats/partial/shard-{{shard}}.npz",
+    params:
+        code=code_version("subspace"),
+        spec=jarg(subspace_grad_params(stats=True)),
+    log:
+        f"{LOGS}/subspace/gradstats_partial/shard-{{shard}}.log",
+    benchmark:
+        f"{BENCH}/gradstats_partial/shard-{{shard}}.tsv"
+    threads: THREADS
+    resources:
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "GRADSPACE_THREADS={threads} gradspace gradstats-partial --model {input.model} "
+        "--data-dir {input.data} --shard {wildcards.shard} --params {params.spec} "
+        "--out {output} > {log} 2>&1"
+
+
+rule gradstats_reduce:
+    input:
+        expand(f"{R}/subspace/stats/partial/shard-{{shard}}.npz", shard=range(n_shards("id_train"))),
+    output:
+        directory(f"{R}/subspace/stats/stats.zarr"),
+    params:
+        code=code_version("subspace"),
+        spec=jarg({"normalize": config["subspace"]["normalize"]}),
+    log:
+        f"{LOGS}/subspace/gradstats_reduce.log",
+    benchmark:
+        f"{BENCH}/gradstats_reduce.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace gradstats-reduce --partials {input} --params {params.spec} --out {output} > {log} 2>&1"
+
+
+rule ag_partial:
+    input:
+        model=MODEL,
+        data=f"{R}/data/id_train",
+        stats=STATS,
+    output:
+        directory(f"{R}/subspace/ag/partial/shard-{{shard}}.zarr"),
+    params:
+        code=code_version("subspace"),
+        spec=jarg({**subspace_grad_params(), "method": config["subspace"]["method"],
+                   "num_classes": config["data"]["id"]["num_classes"]}),
+    log:
+        f"{LOGS}/subspace/ag_partial/shard-{{shard}}.log",
+    benchmark:
+        f"{BENCH}/ag_partial/shard-{{shard}}.tsv"
+    threads: THREADS
+    resources:
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "GRADSPACE_THREADS={threads} gradspace ag-partial --model {input.model} --data-dir {input.data} "
+        "--stats {input.stats} --shard {wildcards.shard} --params {params.spec} --out {output} > {log} 2>&1"
+
+
+rule ag_reduce:
+    input:
+        partials=expand(f"{R}/subspace/ag/partial/shard-{{shard}}.zarr", shard=range(n_shards("id_train"))),
+        stats=STATS,
+    output:
+        directory(f"{R}/subspace/ag/subspace.zarr"),
+    params:
+        code=code_version("subspace"),
+        spec=jarg(config["subspace"]["ag"]),
+    log:
+        f"{LOGS}/subspace/ag_reduce.log",
+    benchmark:
+        f"{BENCH}/ag_reduce.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace ag-reduce --partials {input.partials} --stats {input.stats} --params {params.spec} "
+        "--out {output} > {log} 2>&1"
+
+
+rule pca_init:
+    input:
+        STATS,
+    output:
+        directory(f"{R}/subspace/pca/V-000.zarr"),
+    params:
+        code=code_version("subspace"),
+        spec=jarg(pca_init_params()),
+    log:
+        f"{LOGS}/subspace/pca_init.log",
+    benchmark:
+        f"{BENCH}/pca_init.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace pca-init --stats {input} --params {params.spec} --out {output} > {log} 2>&1"
+
+
+rule pca_partial:
+    input:
+        model=MODEL,
+        data=f"{R}/data/id_train",
+        stats=STATS,
+        basis=f"{R}/subspace/pca/V-{{it}}.zarr",
+    output:
+        directory(f"{R}/subspace/pca/iter-{{it}}/shard-{{shard}}.zarr"),
+    params:
+        code=code_version("subspace"),
+        spec=jarg({**subspace_grad_params(), "method": config["subspace"]["method"]}),
+    log:
+        f"{LOGS}/subspace/pca_partial/iter-{{it}}/shard-{{shard}}.log",
+    benchmark:
+        f"{BENCH}/pca_partial/iter-{{it}}/shard-{{shard}}.tsv"
+    threads: THREADS
+    resources:
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "GRADSPACE_THREADS={threads} gradspace pca-partial --model {input.model} --data-dir {input.data} "
+        "--stats {input.stats} --basis {input.basis} --shard {wildcards.shard} --params {params.spec} "
+        "--out {output} > {log} 2>&1"
+
+
+rule pca_reduce:
+    input:
+        basis=lambda wc: f"{R}/subspace/pca/V-{int(wc.it) - 1:03d}.zarr",
+        partials=lambda wc: pca_partials(int(wc.it) - 1),
+        stats=STATS,
+    output:
+        basis=directory(f"{R}/subspace/pca/V-{{it}}.zarr"),
+        diagnostics=f"{R}/subspace/pca/diagnostics/iter-{{it}}.json",
+    wildcard_constraints:
+        it=r"(?!000)\d{3}",
+    params:
+        code=code_version("subspace"),
+    log:
+        f"{LOGS}/subspace/pca_reduce/iter-{{it}}.log",
+    benchmark:
+        f"{BENCH}/pca_reduce/iter-{{it}}.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace pca-reduce --basis {input.basis} --partials {input.partials} --stats {input.stats} "
+        "--out {output.basis} --diagnostics {output.diagnostics} > {log} 2>&1"
+
+
+rule pca_finalize:
+    input:
+        basis=f"{R}/subspace/pca/V-{config['subspace']['iterations']:03d}.zarr",
+        partials=pca_partials(config["subspace"]["iterations"]),
+        stats=STATS,
+    output:
+        directory(f"{R}/subspace/pca/subspace.zarr"),
+    params:
+        code=code_version("subspace"),
+        spec=jarg({"k": config["subspace"]["k"]}),
+    log:
+        f"{LOGS}/subspace/pca_finalize.log",
+    benchmark:
+        f"{BENCH}/pca_finalize.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace pca-finalize --basis {input.basis} --partials {input.partials} --stats {input.stats} "
+        "--params {params.spec} --out {output} > {log} 2>&1"
+
+
+rule project:
+    input:
+        model=MODEL,
+        data=f"{R}/data/{{dataset}}",
+        stats=STATS,
+        subspace=f"{R}/subspace/{{space}}/subspace.zarr",
+    output:
+        directory(f"{R}/reduced/{{space}}/{{dataset}}/shard-{{shard}}.zarr"),
+    params:
+        code=code_version("project"),
+        spec=lambda wc: jarg({**subspace_grad_params(), "space": wc.space,
+                              "method": config["subspace"]["project"]["method"]}),
+    log:
+        f"{LOGS}/subspace/project/{{space}}/{{dataset}}/shard-{{shard}}.log",
+    benchmark:
+        f"{BENCH}/project/{{space}}/{{dataset}}/shard-{{shard}}.tsv"
+    threads: THREADS
+    resources:
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "GRADSPACE_THREADS={threads} gradspace project --model {input.model} --data-dir {input.data} "
+        "--stats {input.stats} --subspace {input.subspace} --shard {wildcards.shard} "
+        "--params {params.spec} --out {output} > {log} 2>&1"
+
+
+rule fit_grad_detector:
+    input:
+        lambda wc: shard_stores("id_train", kind=f"reduced/{wc.space}"),
+    output:
+        f"{R}/detectors/{{space}}/{{gdetector}}.npz",
+    params:
+        code=code_version("detectors"),
+        method=lambda wc: GRAD_DETECTORS[wc.gdetector]["method"],
+        hparams=lambda wc: jarg(GRAD_DETECTORS[wc.gdetector]["hparams"]),
+        seed=config["seed"],
+    log:
+        f"{LOGS}/fit/{{space}}/{{gdetector}}.log",
+    benchmark:
+        f"{BENCH}/fit/{{space}}/{{gdetector}}.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace fit --method {params.method} --name {wildcards.gdetector} --params {params.hparams} "
+        "--space {wildcards.space} --embedding gradient --train {input} --seed {params.seed} "
+        "--out {output} > {log} 2>&1"
+
+
+rule score_grad_detector:
+    input:
+        fitted=f"{R}/detectors/{{space}}/{{gdetector}}.npz",
+        shards=lambda wc: shard_stores(wc.dataset, kind=f"reduced/{wc.space}"),
+    output:
+        f"{R}/scores/{{space}}/{{gdetector}}/{{dataset}}.npy",
+    params:
+        code=code_version("detectors"),
+    log:
+        f"{LOGS}/score/{{space}}/{{gdetector}}/{{dataset}}.log",
+    benchmark:
+        f"{BENCH}/score/{{space}}/{{gdetector}}/{{dataset}}.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace score --fitted {input.fitted} --shards {input.shards} --out {output} > {log} 2>&1"
+
+
+rule ensemble:
+    input:
+        feature=f"{R}/scores/feature/{{gdetector}}/{{dataset}}.npy",
+        gradient=f"{R}/scores/{{space}}/{{gdetector}}/{{dataset}}.npy",
+    output:
+        f"{R}/scores/ensemble_{{space}}/{{gdetector}}/{{dataset}}.npy",
+    params:
+        code=code_version("detectors"),
+        alpha=config["subspace"]["ensemble"]["alpha"],
+    log:
+        f"{LOGS}/score/ensemble_{{space}}/{{gdetector}}/{{dataset}}.log",
+    benchmark:
+        f"{BENCH}/ensemble/{{space}}/{{gdetector}}/{{dataset}}.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=lambda wc, attempt: 10 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace ensemble-scores --feature {input.feature} --gradient {input.gradient} "
+        "--alpha {params.alpha} --out {output} > {log} 2>&1"
+
+
+rule subspace_diagnostics:
+    input:
+        subspace=f"{R}/subspace/{{space}}/subspace.zarr",
+        reduced=lambda wc: [s for ds in DATASETS for s in shard_stores(ds, kind=f"reduced/{wc.space}")],
+    output:
+        directory(f"{R}/diagnostics/{{space}}"),
+    params:
+        code=code_version("subspace"),
+        reduced=lambda wc: reduced_args(wc.space),
+    log:
+        f"{LOGS}/subspace/diagnostics/{{space}}.log",
+    benchmark:
+        f"{BENCH}/subspace_diagnostics/{{space}}.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 8000 * attempt,
+        runtime=lambda wc, attempt: 30 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace subspace-diagnostics --subspace {input.subspace} {params.reduced} "
+        "--space {wildcards.space} --out-dir {output} > {log} 2>&1"
+
+
+rule gradient_diagnostics:
+    input:
+        model=MODEL,
+        stats=STATS,
+        ag=f"{R}/subspace/ag/subspace.zarr" if "ag" in SPACES else [],
+        data=expand(f"{R}/data/{{dataset}}", dataset=DATASETS),
+        reduced=[s for sp in SPACES for ds in DATASETS for s in shard_stores(ds, kind=f"reduced/{sp}")],
+    output:
+        directory(f"{R}/diagnostics/gradient"),
+    params:
+        code=code_version("subspace"),
+        spec=jarg({**subspace_grad_params(), **config["subspace"]["diagnostics"], "seed": config["seed"]}),
+        args=gradient_diagnostics_args(),
+    log:
+        f"{LOGS}/subspace/diagnostics/gradient.log",
+    benchmark:
+        f"{BENCH}/gradient_diagnostics.tsv"
+    threads: THREADS
+    resources:
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 60 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "GRADSPACE_THREADS={threads} gradspace gradient-diagnostics --model {input.model} "
+        "--stats {input.stats} {params.args} --params {params.spec} --out-dir {output} > {log} 2>&1"
