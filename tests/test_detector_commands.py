@@ -88,7 +88,7 @@ def test_react_cli_uses_model_head(tmp_path, data, monkeypatch):
     b = np.array([0.1, -0.2, 0.3])
     seen = {}
 
-    def fake_context(model_path, seed):
+    def fake_context(model_path, seed, data_dir=None, compute=None):
         seen["model"] = model_path
         return FitContext(head_weight=W, head_bias=b, num_classes=C, seed=seed)
 

@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if os.environ.get("GRADSPACE_THREADS"):
-        from .runtime import set_threads
-
-        set_threads()
+    threads = os.environ.get("GRADSPACE_THREADS")
+    if threads:  # read by torch/numpy when (and if) they are imported
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            os.environ[var] = threads
     _merge_runtime_settings(args)
     try:
         args.func(args)

@@ -33,12 +33,15 @@ def seed_everything(seed: int) -> None:
 
 
 def set_threads(n: int | None = None) -> None:
-    """Limit torch intra-op threads (SLURM/Snakemake pass the job's core count)."""
-    import torch
+    """Limit torch intra-op threads (SLURM/Snakemake pass the job's core count).
+
+    Does nothing unless torch is already imported or a count is given, so numpy-only
+    commands do not pay for importing torch."""
+    import sys
 
     n = n or int(os.environ.get("GRADSPACE_THREADS", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)
+    if n > 0 and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(n)
 
 
 class Timer:

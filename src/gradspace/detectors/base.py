@@ -38,6 +38,7 @@ class Detector:
     requires: ClassVar[tuple[str, ...]] = ("logits",)
     needs_fit: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
+    needs_head: ClassVar[bool] = False  # fit reads the model (head weights, BN, early layers)
     defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **hparams):

@@ -51,6 +51,7 @@ def _typical_set_bn(model):
 
 @register_detector
 class BATS(Detector):
+    needs_head = True
     method = "bats"
     requires = ("model",)
     needs_fit = True

@@ -210,6 +210,8 @@ def fit_detector(method: str, hparams: dict, train, out, *, name: str | None = N
         raise ConfigError(f"--map: detector '{method}' reads no array named {sorted(unknown)}; "
                           f"it reads {sorted(usable)}")
     needed = [r for r in det.requires if r != "model"]
+    if not (det.needs_head or det.needs_model):
+        model_path = None  # nothing to read from the model: skip loading it (and torch)
     ctx = _model_context(model_path, seed, data_dir, compute)
     timer = Timer()
     with timer("fit"):

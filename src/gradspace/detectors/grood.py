@@ -177,6 +177,7 @@ def noise_ood_prototype(model, image_shape, mean, std, n: int = 1000, keep: floa
 # -- detector --------------------------------------------------------------------------------
 @register_detector
 class GROOD(Detector):
+    needs_head = True
     method = "grood"
     embedding = "gradient"
     requires = ("logits", "features", "labels")

@@ -44,6 +44,7 @@ def head_from_context(method: str, ctx, feature_dim: int | None = None):
 
 @register_detector
 class ReAct(Detector):
+    needs_head = True
     method = "react"
     requires = ("features",)
     needs_fit = True

@@ -43,6 +43,7 @@ def default_dim(feature_dim: int) -> int:
 
 @register_detector
 class ViM(Detector):
+    needs_head = True
     method = "vim"
     requires = ("logits", "features")
     needs_fit = True

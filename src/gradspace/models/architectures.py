@@ -42,6 +42,11 @@ def _op_gap(net: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return torch.flatten(F.adaptive_avg_pool2d(h, 1), 1)
 
 
+def _op_gmp(net: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """Global max pooling over the spatial dimensions, then flatten: N×C×H×W -> N×C."""
+    return torch.flatten(F.adaptive_max_pool2d(h, 1), 1)
+
+
 def _op_relu(net: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return F.relu(h)
 
@@ -62,6 +67,7 @@ def _op_cls_token(net: nn.Module, h: torch.Tensor) -> torch.Tensor:
 OPS = {
     "@flatten": _op_flatten,
     "@gap": _op_gap,
+    "@gmp": _op_gmp,
     "@relu": _op_relu,
     "@vit_embed": _op_vit_embed,
     "@cls_token": _op_cls_token,
@@ -232,15 +238,31 @@ class FeatureClassifier(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """conv3×3-BN-ReLU blocks (max-pool 2×2 after all but the last), global average pooling,
-    linear head. Widths (32, 32, 64, 128) give 103,466 parameters for 1×28×28 inputs and 10
+    """conv3×3-BN-ReLU blocks (max-pool 2×2 after all but the last), global pooling, linear
+    head. Widths (32, 32, 64, 128) give 103,466 parameters for 1×28×28 inputs and 10
     classes (28 -> 14 -> 7 -> 3 pixels, so the last block sees the whole digit); any input
     size works thanks to the global pooling. PyTorch's default initialization: on MNIST-5k
     it trained to a higher test accuracy in 4-8 epochs than Kaiming fan-out
-    initialization."""
+    initialization.
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths=(32, 32, 64, 128)):
+    ``pool`` is the global pooling of the last block's map h (C×H×W):
+    ``"max"`` (default) z_c = max_{i,j} h_{c,i,j}; ``"avg"`` z_c = mean_{i,j} h_{c,i,j}.
+    Max pooling makes the features a statement about the strongest local pattern, not
+    about how much of the image is covered by patterns: with average pooling an image
+    that is edge-dense everywhere (a texture, a photo) accumulates more class evidence
+    than any centred digit, so its logits and energy exceed the ID ones and
+    logit-based scores rank it as *more* in-distribution (on MNIST-5k, energy AUROC
+    0.5-0.7 on textures and 0.2-0.6 on photos with ``"avg"`` against 0.96-0.99 with
+    ``"max"``, same test accuracy; cf. Hein et al. 2019 on ReLU networks' growing
+    confidence away from the data)."""
+
+    POOLS = {"max": F.adaptive_max_pool2d, "avg": F.adaptive_avg_pool2d}
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, widths=(32, 32, 64, 128),
+                 pool: str = "max"):
         super().__init__()
+        if pool not in self.POOLS:
+            raise ModelError(f"small_cnn: pool '{pool}' is not one of {sorted(self.POOLS)}")
         widths = tuple(int(w) for w in widths)
         c = in_channels
         for i, w in enumerate(widths):
@@ -250,22 +272,29 @@ class SmallCNN(nn.Module):
             self.add_module(f"block{i + 1}", nn.Sequential(*layers))
             c = w
         self.num_blocks = len(widths)
+        self.pool = pool
         self.fc = nn.Linear(c, num_classes)
 
     def forward(self, x):
         for i in range(self.num_blocks):
             x = getattr(self, f"block{i + 1}")(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.fc(torch.flatten(self.POOLS[self.pool](x, 1), 1))
 
 
 SMALL_CNN_WIDTHS = (32, 32, 64, 128)
+SMALL_CNN_POOL = "max"
 
 
-def small_cnn(num_classes: int, in_channels: int = 1, widths=SMALL_CNN_WIDTHS) -> FeatureClassifier:
-    net = SmallCNN(num_classes, in_channels, widths)
+def small_cnn(num_classes: int, in_channels: int = 1, widths=SMALL_CNN_WIDTHS,
+              pool: str = SMALL_CNN_POOL) -> FeatureClassifier:
+    """:class:`SmallCNN` as a :class:`FeatureClassifier`: stages ``block1..blockK`` and
+    ``pool`` (global ``pool`` pooling); ``arch_kwargs`` records the non-default options."""
+    net = SmallCNN(num_classes, in_channels, widths, pool)
     stages = [Stage(f"block{i + 1}", (f"block{i + 1}",)) for i in range(net.num_blocks)]
-    stages.append(Stage("pool", ("@gap",)))
-    kwargs = {} if tuple(widths) == SMALL_CNN_WIDTHS else {"widths": [int(w) for w in widths]}
+    stages.append(Stage("pool", ("@gmp" if pool == "max" else "@gap",)))
+    kwargs: dict = {} if tuple(widths) == SMALL_CNN_WIDTHS else {"widths": [int(w) for w in widths]}
+    if pool != SMALL_CNN_POOL:
+        kwargs["pool"] = pool
     return FeatureClassifier(net, stages, "fc", arch="small_cnn", in_channels=in_channels,
                              arch_kwargs=kwargs)
 
