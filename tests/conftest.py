@@ -30,6 +30,37 @@ def run_snakemake(workdir, *args, check=True, timeout=900, env=None):
     return proc
 
 
+TINY = REPO / "tests" / "tiny_config.yaml"
+
+
+def planned_jobs(workdir, configfile="config.yaml", env=None):
+    """The jobs a dry run plans: a list of (rule, {wildcard: value})."""
+    proc = run_snakemake(workdir, "--configfile", configfile, "-n", env=env)
+    jobs, rule = [], None
+    for line in proc.stdout.splitlines():
+        stripped = line.strip()
+        if line.startswith(("rule ", "localrule ")) and stripped.endswith(":"):
+            rule = stripped.split()[1].rstrip(":")
+            jobs.append((rule, {}))
+        elif rule and stripped.startswith("wildcards:"):
+            for item in stripped[len("wildcards:"):].split(","):
+                k, _, v = item.strip().partition("=")
+                jobs[-1][1][k] = v
+        elif not stripped:
+            rule = None
+    return jobs
+
+
+@pytest.fixture(scope="session")
+def tiny_workdir(tmp_path_factory):
+    """A finished run of the whole workflow on the tiny config, shared by the tests that
+    only read its outputs or plan dry runs on top of it."""
+    work = tmp_path_factory.mktemp("tiny")
+    shutil.copy(TINY, work / "config.yaml")
+    run_snakemake(work, "--configfile", "config.yaml", "--cores", "2")
+    return work
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     try:

@@ -1,25 +1,19 @@
 """One real Snakemake run of the whole workflow on a tiny config, plus lint/dry-run checks."""
 
 import csv
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, run_snakemake
-
-TINY = REPO / "tests" / "tiny_config.yaml"
+from conftest import REPO, TINY, run_snakemake
 DETECTORS = ["msp", "maxlogit", "energy", "odin", "react", "bats", "mahalanobis", "knn", "vim"]
 OOD = ["textures", "digits8x8"]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    work = tmp_path_factory.mktemp("tiny")
-    shutil.copy(TINY, work / "config.yaml")
-    run_snakemake(work, "--configfile", "config.yaml", "--cores", "2")
-    return work / "results" / "tiny"
+def tiny_run(tiny_workdir):
+    return tiny_workdir / "results" / "tiny"
 
 
 def read_metrics(path):
