@@ -24,7 +24,7 @@ from gradspace.models import (
     wrap_torchvision,
 )
 from gradspace.models.load import load_checkpoint_source, load_torchvision
-from gradspace.models.train import TrainSettings, augment_cifar, lr_factor, train_model
+from gradspace.models.train import TrainSettings, augment_affine, augment_cifar, lr_factor, train_model
 
 
 @pytest.fixture(autouse=True)
@@ -84,6 +84,24 @@ def test_small_cnn_api_and_size():
     _check_api(m, torch.randn(3, 1, 28, 28), 10, 128, "block4.1")
     # forward_until gives the block's activation map
     assert m.forward_until("block1", torch.randn(2, 1, 28, 28)).shape == (2, 32, 14, 14)
+
+
+def test_small_cnn_global_pooling_options(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(3, 1, 20, 20)
+    for pool, reduce in (("max", lambda h: h.amax((2, 3))), ("avg", lambda h: h.mean((2, 3)))):
+        m = build_model("small_cnn", 5, 1, widths=(4, 8), pool=pool).eval()
+        h = m.forward_until("block2", x)
+        assert torch.allclose(m.forward_features(x), reduce(h), atol=1e-6)
+        assert torch.allclose(m(x), m.net(x), atol=1e-6)  # wrapper == native forward
+        assert m.typical_set_bn_name() == "block2.1"
+        save_model(tmp_path / f"{pool}.pt", m)
+        loaded, _ = load_model(tmp_path / f"{pool}.pt")
+        assert torch.allclose(loaded(x), m(x), atol=1e-6)
+    assert build_model("small_cnn", 5, 1, pool="avg").arch_kwargs == {"pool": "avg"}
+    assert build_model("small_cnn", 5, 1).arch_kwargs == {}  # max pooling is the default
+    with pytest.raises(ModelError, match="pool 'sum'"):
+        build_model("small_cnn", 5, 1, pool="sum")
 
 
 def test_resnet18_cifar_api_and_size():
@@ -281,11 +299,12 @@ def test_training_reduces_loss_and_is_deterministic():
 
 
 def test_training_with_augmentation_is_deterministic():
-    m1, h1, _, _ = _train(seed=1, augment="cifar", epochs=2)
-    m2, _, _, _ = _train(seed=1, augment="cifar", epochs=2)
-    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values(),
-                                                 strict=True))
-    assert np.isfinite([e["loss"] for e in h1["epochs"]]).all()
+    for augment in ("cifar", "affine"):
+        m1, h1, _, _ = _train(seed=1, augment=augment, epochs=2)
+        m2, _, _, _ = _train(seed=1, augment=augment, epochs=2)
+        assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values(),
+                                                     strict=True))
+        assert np.isfinite([e["loss"] for e in h1["epochs"]]).all()
 
 
 def test_augment_cifar_is_crop_and_flip_of_padded_input():
@@ -304,6 +323,48 @@ def test_augment_cifar_is_crop_and_flip_of_padded_input():
         assert any(torch.equal(out[i], c) for c in cands)
     flips = augment_cifar(x, torch.Generator().manual_seed(0), None, padding=0)
     assert all(torch.equal(flips[i], x[i]) or torch.equal(flips[i], x[i].flip(-1)) for i in range(6))
+
+
+def _blob(h, w, cy, cx, sigma=1.5):
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                            indexing="ij")
+    return torch.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma ** 2))
+
+
+def _centre_of_mass(img):  # (x, y) about the image centre, pixel units
+    h, w = img.shape
+    yy, xx = torch.meshgrid(torch.arange(h, dtype=img.dtype), torch.arange(w, dtype=img.dtype),
+                            indexing="ij")
+    m = img.sum()
+    return float((img * xx).sum() / m - (w - 1) / 2), float((img * yy).sum() / m - (h - 1) / 2)
+
+
+def test_augment_affine_geometry_and_padding():
+    n, h, w = 5, 25, 31
+    x = _blob(h, w, 10.0, 18.0).expand(n, 1, h, w).float()
+    q = np.array([18.0 - (w - 1) / 2, 10.0 - (h - 1) / 2])
+    # no jitter: identity
+    assert torch.allclose(augment_affine(x, torch.Generator().manual_seed(0), None, 0.0, 0.0, 0.0), x,
+                          atol=1e-5)
+    # rotation only: content at q moves to R(a) q, a drawn as documented
+    out = augment_affine(x, torch.Generator().manual_seed(1), None, degrees=30.0, scale=0.0, translate=0.0)
+    u = torch.rand(n, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2 - 1
+    for i in range(n):
+        a = float(u[i, 0]) * np.deg2rad(30.0)
+        want = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ q
+        assert np.allclose(_centre_of_mass(out[i, 0].double()), want, atol=0.05)
+    # translation only: content moves by t = translate * u * (W, H)
+    out = augment_affine(x, torch.Generator().manual_seed(2), None, degrees=0.0, scale=0.0, translate=0.1)
+    u = torch.rand(n, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 - 1
+    for i in range(n):
+        want = q + 0.1 * np.array([float(u[i, 2]) * w, float(u[i, 3]) * h])
+        assert np.allclose(_centre_of_mass(out[i, 0].double()), want, atol=0.05)
+    # pixels from outside the image take the pad value (a black raw pixel)
+    const = torch.full((n, 2, h, w), -0.5)
+    out = augment_affine(const, torch.Generator().manual_seed(3), [-0.5, -0.5], 45.0, 0.3, 0.2)
+    assert torch.allclose(out, const, atol=1e-6)
+    zero_pad = augment_affine(const, torch.Generator().manual_seed(3), None, 45.0, 0.3, 0.2)
+    assert bool((zero_pad > -0.5 + 1e-3).any())
 
 
 def test_lr_schedules():

@@ -4,7 +4,9 @@ Mini-batch SGD on the cross-entropy loss with momentum (Nesterov optional), L2 w
 decay and a cosine (per step) or step (per epoch) learning-rate schedule: the CIFAR recipe
 of the OOD papers (GradNorm, Huang et al. 2021; Igoe et al. 2022; Wu et al.) is ResNet-18,
 100–200 epochs, lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, cosine schedule, random
-crop (4-pixel zero padding) + horizontal flip.
+crop (4-pixel zero padding) + horizontal flip (``augment: cifar``). For digit-like data
+(the MNIST demo) ``augment: affine`` applies the usual small random rotation / scale /
+shift jitter instead (no flips: they change a digit's identity).
 
 Cosine schedule (SGDR without restarts, Loshchilov & Hutter 2017), per optimizer step t
 of T: ``lr_t = lr · ½ (1 + cos(π t / T))``. Step schedule: ``lr · gamma^k`` after the k-th
