@@ -93,7 +93,8 @@ def test_exgrad_decomposition(data):
     for y in range(C):
         g = autograd_last_layer(data["W"], data["b"], data["features"], lambda f, y=y: log_p(f, y))
         brute += prob[:, y] * np.abs(g).sum(1)
-    got = build_detector("exgrad", {"temperature": T}).score(data)
+    # the detector returns -ExGrad: ExGrad is larger for OOD inputs, detectors score ID-ness
+    got = -build_detector("exgrad", {"temperature": T}).score(data)
     closed = 2 / T * np.abs(data["features"]).sum(1) * (prob * (1 - prob)).sum(1)
     np.testing.assert_allclose(got, closed, rtol=1e-12)
     np.testing.assert_allclose(got, brute, rtol=1e-10)
@@ -119,7 +120,7 @@ def test_igoe_table1_variants_against_autograd(data, order, dist, norm, weight, 
         ref = nrm(sum(q[:, y:y + 1] * grads[y] for y in range(C)))
     det = build_detector("igoe_grad", {"order": order, "dist": dist, "norm": norm, "weight": weight,
                                        "temperature": T, "bias": bias})
-    got = det.score(data)
+    got = det.score(data) * (-1.0 if dist == "pred" else 1.0)  # p-label variants are negated
     if order == "norm_exp" and dist == "pred":
         # Σ_y p_y ∇log p_y = ∇Σ_y p_y = 0: the exact score vanishes
         assert np.abs(got).max() == 0.0 and np.abs(ref).max() < 1e-12
@@ -133,7 +134,7 @@ def test_igoe_monte_carlo_is_deterministic_and_chunk_invariant(data):
     parts = np.concatenate([det.score({k: v[i:i + 5] for k, v in data.items() if k in ("features", "logits")})
                             for i in range(0, N, 5)])
     np.testing.assert_array_equal(full, parts)
-    assert np.all(full > 0)  # a finite-sample estimate of a zero mean is not zero
+    assert np.all(-full > 0)  # a finite-sample estimate of a zero mean is not zero (negated: p labels)
     # against brute force with the same labels
     labels = lastlayer.sample_labels(lastlayer.softmax_t(data["logits"], 1.0), 3, 7,
                                      lastlayer.row_keys(data["logits"]))
@@ -145,7 +146,7 @@ def test_igoe_monte_carlo_is_deterministic_and_chunk_invariant(data):
         lp = torch.log_softmax(f, 0)
         g, = torch.autograd.grad(lp[torch.tensor(labels[i])].mean(), Wt)
         ref.append(float(g.abs().sum()))
-    np.testing.assert_allclose(full, ref, rtol=1e-10)
+    np.testing.assert_allclose(-full, ref, rtol=1e-10)
     other = build_detector("igoe_grad", {"order": "norm_exp", "dist": "pred", "samples": 3, "seed": 8})
     assert not np.array_equal(other.score(data), full)
 
@@ -401,7 +402,7 @@ def test_grad_scorer_all_params_matches_naive_loop():
         prob = torch.softmax(model(x), 1).numpy()
     ex = sum(prob[:, y] * np.abs(naive_loop(model, "all", "ce_label", x,
                                             target=torch.full((6,), y)).numpy()).sum(1) for y in range(4))
-    np.testing.assert_allclose(out["ex"], ex, rtol=1e-10)
+    np.testing.assert_allclose(out["ex"], -ex, rtol=1e-10)  # stored ID-oriented: -ExGrad
 
 
 def test_grad_scores_params_validation():

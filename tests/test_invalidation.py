@@ -28,7 +28,8 @@ def test_unchanged_config_plans_nothing(tiny_workdir):
 
 
 def test_detector_hyperparameter_reruns_only_that_detector(tiny_workdir):
-    name = write_config(tiny_workdir, "c_det.yaml", lambda c: c["detectors"]["energy"].update(temperature=2.0))
+    name = write_config(tiny_workdir, "c_det.yaml",
+                        lambda c: c["detectors"]["energy"].update(temperature=2.0))
     jobs = planned_jobs(tiny_workdir, name)
     assert rules(jobs) == Counter({"fit_detector": 1, "score_detector": 3, "evaluate": 1, "report": 1,
                                    "all": 1})

@@ -94,7 +94,8 @@ def test_interrupted_slurm_run_resumes(tmp_path, local_reference):
     shutil.copy(CONFIG, work / "config.yaml")
     results = work / "results" / "micro"
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **ENV)
-    proc = subprocess.Popen(snakemake_cmd("--directory", str(work), "--configfile", "config.yaml", *SLURM_ARGS),
+    cmd = snakemake_cmd("--directory", str(work), "--configfile", "config.yaml", *SLURM_ARGS)
+    proc = subprocess.Popen(cmd,
                             cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     # wait until some work is finished (the model) and extraction jobs are queued or running

@@ -1,12 +1,12 @@
 """One real Snakemake run of the whole workflow on a tiny config, plus lint/dry-run checks."""
 
 import csv
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import REPO, TINY, run_snakemake
+
 DETECTORS = ["msp", "maxlogit", "energy", "odin", "react", "bats", "mahalanobis", "knn", "vim"]
 OOD = ["textures", "digits8x8"]
 
@@ -98,7 +98,8 @@ def test_unknown_config_key_is_named(tmp_path):
 def test_missing_dataset_path_fails_cleanly(tmp_path):
     cfg = TINY.read_text().replace(
         "    digits8x8: {kind: sklearn_digits, n: 120}",
-        f"    digits8x8: {{kind: sklearn_digits, n: 120}}\n    places: {{kind: imagefolder, path: {tmp_path}/nope}}")
+        "    digits8x8: {kind: sklearn_digits, n: 120}\n"
+        f"    places: {{kind: imagefolder, path: {tmp_path}/nope}}")
     (tmp_path / "config.yaml").write_text(cfg)
     proc = run_snakemake(tmp_path, "--configfile", "config.yaml", "--cores", "1",
                          "results/tiny/data/places", check=False)

@@ -46,7 +46,7 @@ class ShardWriter:
         self._group = None
         self._written: dict[str, int] = {}
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = _tmp_sibling(self.path)
         self._group = zarr.open_group(str(self._tmp), mode="w", zarr_format=3)

@@ -7,7 +7,8 @@ closed forms of the stored features h and logits f (p = softmax(f/T),
 Registered detectors and hyperparameters (defaults in brackets):
 
 - ``exgrad``: ExGrad, eq. 3, S = E_{Y~p}[‖∇_W log p^(Y)‖₁] = (2/T)·‖h‖₁·Σ_k p_k(1 − p_k)
-  (eq. 5). ``temperature`` [1], ``bias`` [false].
+  (eq. 5); larger for OOD inputs, so the detector returns −S (see ``orientation``).
+  ``temperature`` [1], ``bias`` [false].
 - ``igoe_grad``: any Table 1 row: ``order`` "exp_norm" (E‖∇‖) | "norm_exp" (‖E∇‖)
   ["exp_norm"], ``dist`` "pred" (Y ~ p) | "uniform" ["pred"], ``norm`` "l1" | "l2sq"
   ["l1"], ``weight`` "none" | "logp_over_p" (E_{Y~p}[(log p^(Y)/p^(Y))‖∇‖²]) ["none"],
@@ -37,6 +38,17 @@ from .base import Detector, check_finite, register_detector
 from .gradnorm import choice, features_logits, flag, norm_order, positive
 
 
+def orientation(dist: str) -> float:
+    """+1 where the raw score is larger for ID inputs, −1 where it is larger for OOD ones.
+
+    Igoe et al. score OOD-ness and orient each variant by its trend: with labels drawn from
+    the model's own p (ExGrad and its variants) the expected gradient norm decomposes into
+    V = Σ p(1 − p)-like terms that are small for confident (ID) inputs, so larger means
+    OOD; with uniform labels (the GradNorm family) larger means ID. Our detectors return
+    "higher = more ID", so the former are negated."""
+    return -1.0 if dist == "pred" else 1.0
+
+
 @register_detector
 class ExGrad(Detector):
     method = "exgrad"
@@ -51,8 +63,9 @@ class ExGrad(Detector):
 
     def score(self, emb) -> np.ndarray:
         feats, logits = features_logits(emb, self.method)
-        return lastlayer.igoe_score(feats, logits, "exp_norm", "pred", "l1", "none",
-                                    self.hparams["temperature"], self.hparams["bias"])
+        raw = lastlayer.igoe_score(feats, logits, "exp_norm", "pred", "l1", "none",
+                                   self.hparams["temperature"], self.hparams["bias"])
+        return orientation("pred") * raw
 
 
 @register_detector
@@ -83,8 +96,9 @@ class IgoeGrad(Detector):
         h = self.hparams
         feats, logits = features_logits(emb, self.method)
         index = lastlayer.row_keys(logits) if h["samples"] is not None else None
-        return lastlayer.igoe_score(feats, logits, h["order"], h["dist"], h["norm"], h["weight"],
-                                    h["temperature"], h["bias"], h["samples"], int(h["seed"]), index)
+        raw = lastlayer.igoe_score(feats, logits, h["order"], h["dist"], h["norm"], h["weight"],
+                                   h["temperature"], h["bias"], h["samples"], int(h["seed"]), index)
+        return orientation(h["dist"]) * raw
 
 
 @register_detector

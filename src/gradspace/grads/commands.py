@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 
+from ..detectors.igoe import orientation
 from ..errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -235,6 +236,9 @@ class GradScorer:
                     v = v * logp[np.arange(N), lk] / np.maximum(prob[np.arange(N), lk], 1e-300)
                 total += v
             out[name] = total / labels.shape[1]
+        for name, s in self.scores.items():  # store "higher = more ID", like the detectors
+            if s["kind"] == "igoe" and name in out:
+                out[name] = orientation(s["dist"]) * out[name]
         for name, v in out.items():
             if not np.all(np.isfinite(v)):
                 bad = int(np.flatnonzero(~np.isfinite(v))[0])
