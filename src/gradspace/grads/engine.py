@@ -146,9 +146,13 @@ class GradientEngine:
             self._check_finite(g, start)
             grads.append(g)
             logits.append(lg)
-        g = torch.cat(grads) if grads else torch.zeros(0, self.num_params, device=self.device)
+        if len(grads) == 1:  # one chunk: no copy
+            g, lg = grads[0], logits[0]
+        else:
+            g = torch.cat(grads) if grads else torch.zeros(0, self.num_params, device=self.device)
+            lg = torch.cat(logits) if logits else None
         if return_logits:
-            return g, (torch.cat(logits) if logits else None)
+            return g, lg
         return g
 
     def iter_chunks(self, batches: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -174,6 +178,11 @@ class GradientEngine:
 
     # -- internals -------------------------------------------------------------------
     def _check_finite(self, g: torch.Tensor, start: int, rows=None) -> None:
+        # One reduction finds any NaN/inf (they propagate into the sum); only then is the
+        # element-wise check run, to name the sample and parameter (a sum that overflows
+        # from finite values passes it).
+        if bool(torch.isfinite(g.sum())):
+            return
         bad = ~torch.isfinite(g)
         if bool(bad.any()):
             n, j = (int(v) for v in torch.nonzero(bad)[0])

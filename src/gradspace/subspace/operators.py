@@ -179,7 +179,7 @@ class PerSampleOperator(_Base):
         g = g.to(self.device, torch.float32)
         if self.stats is not None:
             m, s = self.stats.full(device=self.device)
-            g = (g - m) * s
+            g = g.sub_(m).mul_(s) if g.is_contiguous() else (g - m) * s  # in place: g is ours
         self._cache = (x, g)
         return g
 
