@@ -89,6 +89,16 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_workdir):
     final = snapshot(results)
     assert {k: final[k] for k in done_before} == done_before  # finished work not redone
 
+    # the PCA subspace of the resumed run equals the uninterrupted run's
+    import numpy as np
+    import zarr
+
+    ref = zarr.open_group(str(tiny_workdir / "results/tiny/subspace/pca/subspace.zarr"), mode="r")
+    got = zarr.open_group(str(results / "subspace/pca/subspace.zarr"), mode="r")
+    assert sorted(ref.array_keys()) == sorted(got.array_keys())
+    for name in ref.array_keys():
+        np.testing.assert_array_equal(np.asarray(ref[name][...]), np.asarray(got[name][...]))
+
     def metrics(path):
         with open(path, newline="") as fh:
             return [{k: v for k, v in r.items()} for r in csv.DictReader(fh)]

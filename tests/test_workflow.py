@@ -108,3 +108,18 @@ def test_missing_dataset_path_fails_cleanly(tmp_path):
     assert "nope" in log
     assert not (tmp_path / "results" / "tiny" / "data" / "places").exists()
     assert not list((tmp_path / "results" / "tiny" / "data").glob(".*tmp*"))
+
+
+def test_slurm_profile_plans_the_real_workflow(tmp_path):
+    """`snakemake -n --profile profiles/slurm` plans every job of the workflow, GPU rules with
+    a GPU request and CPU rules without (no cluster needed for a dry run)."""
+    (tmp_path / "config.yaml").write_text(TINY.read_text())
+    proc = run_snakemake(tmp_path, "--configfile", "config.yaml", "-n", "--profile",
+                         str(REPO / "profiles" / "slurm"), env={"GRADSPACE_SLURM_PARTITION": "gpu"})
+    out = proc.stdout
+    assert "Job stats" in out and "pca_partial" in out and "project" in out
+    blocks = out.split("\n\n")
+    extract = next(b for b in blocks if "rule extract:" in b)
+    evaluate = next(b for b in blocks if "rule evaluate:" in b)
+    assert "gpu=1" in extract and "slurm_partition=gpu" in extract
+    assert "gpu=" not in evaluate
