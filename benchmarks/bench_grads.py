@@ -117,7 +117,7 @@ def bench_last_layer(n_naive, n, device, rows):
     t_grood, _ = timed(lambda: grood.score(emb), device, repeat=3)
     # correctness of the fast path against the naive loop
     gn = build_detector("gradnorm").score({k: v[:n_naive] for k, v in emb.items()})
-    ex = build_detector("exgrad").score({k: v[:n_naive] for k, v in emb.items()})
+    ex = -build_detector("exgrad").score({k: v[:n_naive] for k, v in emb.items()})  # detector: -ExGrad
     err = max(np.abs(gn - gn_ref).max() / np.abs(gn_ref).max(),
               np.abs(ex - ex_ref).max() / np.abs(ex_ref).max())
     rate_engine = n / (t_ext + t_scores + t_grood)

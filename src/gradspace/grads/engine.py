@@ -276,18 +276,28 @@ class GradientEngine:
 
     def _chunk_loop(self, x, target):
         params = list(self.selected.values())
-        rows, logits = [], []
+        n = x.shape[0]
+        if n == 0:
+            return torch.zeros(0, self.num_params, device=self.device), torch.zeros(0, 0)
+        # written in place, one copy per parameter gradient (no per-sample cat + stack)
+        dtype = params[0].dtype if params[0].dtype in (torch.float32, torch.float64) else torch.float32
+        grads = torch.empty(n, self.num_params, device=self.device, dtype=dtype)
+        logits = []
         with self._requires_grad(), torch.enable_grad():
-            for i in range(x.shape[0]):
+            for i in range(n):
                 out = self.model(x[i:i + 1])
                 t = None if target is None else target[i:i + 1]
                 gs = torch.autograd.grad(self._loss(out, t).sum(), params, allow_unused=True)
-                rows.append(torch.cat([_full(torch.zeros_like(p) if gi is None else gi).reshape(-1)
-                                       for gi, p in zip(gs, params, strict=True)]))
+                off = 0
+                for gi, p in zip(gs, params, strict=True):
+                    k = p.numel()
+                    if gi is None:
+                        grads[i, off:off + k].zero_()
+                    else:
+                        grads[i, off:off + k].copy_(gi.reshape(-1))
+                    off += k
                 logits.append(_full(out.detach()))
-        if not rows:
-            return torch.zeros(0, self.num_params, device=self.device), torch.zeros(0, 0)
-        return torch.stack(rows), torch.cat(logits)
+        return grads, torch.cat(logits)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
