@@ -1,7 +1,7 @@
 """GROOD: gradient-aware OOD detection with class and OOD prototypes.
 
 ElAraby, Sahoo, Pequignot, Novello & Paull, "GROOD: GRadient-Aware Out-of-Distribution
-Detection", TMLR 2025 (algorithm as in /work/shared/papers/grood-algorithm-notes.md).
+Detection", TMLR 2025 (algorithm as in the project's GROOD algorithm notes).
 
 With z(x) the penultimate feature, class prototypes p_c = mean of z over ID-train samples
 of class c, and an OOD prototype p_ood, the C+1 "logits" s_j = −‖z − p_j‖₂ and the loss
