@@ -26,16 +26,9 @@ import numpy as np
 from ..errors import ConfigError
 from ..grads import lastlayer
 from .base import Detector, check_finite, register_detector
+from .energy import positive_float
 
-
-def positive(method: str, key: str, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"detector '{method}': '{key}' must be a number, got {value!r}") from None
-    if not np.isfinite(v) or v <= 0:
-        raise ConfigError(f"detector '{method}': '{key}' must be > 0, got {value!r}")
-    return v
+positive = positive_float  # strictly positive float hyperparameter (shared helper)
 
 
 def norm_order(method: str, value) -> float:

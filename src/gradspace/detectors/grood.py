@@ -39,6 +39,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from .base import Detector, check_finite, register_detector
 from .gradnorm import choice, features_logits, flag, positive
+from .knn import build_index
 
 log = logging.getLogger(__name__)
 DIST_EPS = 1e-12
@@ -71,16 +72,6 @@ def grood_gradients(features: np.ndarray, prototypes: np.ndarray, ood_prototype:
     diff = z - P[-1][None, :]
     dist = np.linalg.norm(diff, axis=1)
     return sigma_ood[:, None] * diff / np.maximum(dist, DIST_EPS)[:, None]
-
-
-def _build_index(bank: np.ndarray):
-    import faiss
-
-    index = faiss.IndexFlatL2(bank.shape[1])
-    if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
-    index.add(np.ascontiguousarray(bank, dtype=np.float32))
-    return index
 
 
 # -- model passes for the OOD prototype ------------------------------------------------------
@@ -269,7 +260,7 @@ class GROOD(Detector):
         if feats.shape[0] == 0:
             return np.zeros(0)
         if self._index is None:
-            self._index = _build_index(np.asarray(self.state["bank"], dtype=np.float32))
+            self._index = build_index(np.asarray(self.state["bank"], dtype=np.float32))
         g = grood_gradients(feats, protos, self.state["ood_prototype"])
         k = int(self.hparams["k"])
         d2, _ = self._index.search(np.ascontiguousarray(g, dtype=np.float32), k)

@@ -32,7 +32,8 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / (np.linalg.norm(x, axis=1, keepdims=True) + NORM_EPS)
 
 
-def _build_index(bank: np.ndarray):
+def build_index(bank: np.ndarray):
+    """Exact L2 FAISS index over ``bank`` (on a GPU when faiss-gpu sees one)."""
     import faiss
 
     index = faiss.IndexFlatL2(bank.shape[1])
@@ -90,7 +91,7 @@ class KNN(Detector):
         if z.shape[0] == 0:
             return np.zeros(0)
         if self._index is None:
-            self._index = _build_index(bank)
+            self._index = build_index(bank)
         q = np.ascontiguousarray(l2_normalize(z), dtype=np.float32)
         dist2, _ = self._index.search(q, k)
         return -np.sqrt(np.maximum(dist2[:, k - 1].astype(np.float64), 0.0))

@@ -246,12 +246,10 @@ class GradKNN(_GradientDetector):
         self._index = None
 
     def score(self, emb):
-        import faiss
+        from ..detectors.knn import build_index
 
-        bank = np.ascontiguousarray(self.state["bank"], dtype=np.float32)
         if getattr(self, "_index", None) is None:
-            self._index = faiss.IndexFlatL2(bank.shape[1])
-            self._index.add(bank)
+            self._index = build_index(np.asarray(self.state["bank"], dtype=np.float32))
         k = int(self.hparams["k"])
         D, _ = self._index.search(np.ascontiguousarray(self._normalize(self._reduced(emb))), k)
         return -np.sqrt(np.maximum(D[:, k - 1].astype(np.float64), 0.0))
