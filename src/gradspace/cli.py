@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "gradspace.grads.commands",
     "gradspace.subspace.commands",
     "gradspace.timing",
+    "gradspace.verify",
 ]
 
 # Which module registers each subcommand, so that a job imports only what it runs
@@ -43,9 +44,10 @@ COMMANDS = {
     "report": "gradspace.report",
     "grad-scores": "gradspace.grads.commands",
     "timing-tables": "gradspace.timing",
+    "verify-stores": "gradspace.verify",
     **{name: "gradspace.subspace.commands" for name in (
         "gradstats-partial", "gradstats-reduce", "ag-partial", "ag-reduce", "pca-init",
-        "pca-partial", "pca-reduce", "pca-finalize", "project", "project-merge",
+        "pca-partial", "pca-gv", "pca-reduce", "pca-finalize", "project", "project-merge",
         "subspace-diagnostics", "gradient-diagnostics", "ensemble-scores")},
 }
 
@@ -130,6 +132,15 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except GradspaceError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        if "checksum" not in str(exc).lower():
+            raise
+        # Zarr's crc32c codec: a chunk of some store read by this command was corrupted
+        # (bit flips, overwritten bytes); never use what it decoded.
+        print(f"error: a Zarr chunk failed its checksum ({exc}): a store this command read is "
+              "corrupt; run `gradspace verify-stores results/<experiment> --remove` to find and "
+              "remove it, then snakemake again to rebuild it", file=sys.stderr)
         return 2
     return 0
 

@@ -6,6 +6,10 @@ tables (paper Tables 11 and 12).
 
 Iterations of the PCA are unrolled: ``pca-init`` → for t in 0..T−1 (``pca-partial`` per
 ID-train shard, ``pca-reduce``) → ``pca-partial`` per shard at V_T → ``pca-finalize``.
+With parameter-block groups (``subspace.block_jobs``) each ``pca-partial`` becomes two
+jobs per (shard, group): ``pca-gv`` (G_g·V_g, only the group's blocks of V loaded), then
+``pca-partial --gv <parts of every group>`` (G_bᵀ(G·V) for the group's blocks, no V);
+``project --block-group`` per group, then ``project-merge``.
 """
 
 from __future__ import annotations
@@ -189,9 +193,22 @@ def cmd_pca_init(a):
     init_basis(a.out, stats.layout, int(o["k"]), int(o["oversample"]), int(o["seed"]))
 
 
+def _job_blocks(layout, a):
+    """The parameter blocks of this job: --block-group (one group of subspace.block_jobs)
+    or --blocks (names); default all."""
+    return layout.select_blocks(getattr(a, "blocks", None), getattr(a, "block_group", None) or None)
+
+
 def cmd_pca_partial(a):
     from ..runtime import Timer, paused_iter
-    from .power import load_basis_tensors, partial_products, read_basis, write_partial
+    from .power import (
+        load_basis_tensors,
+        load_gv,
+        partial_products,
+        partial_products_from_gv,
+        read_basis,
+        write_partial,
+    )
 
     o = _opts(a.params, {"method": "jvp_vjp"}, "pca-partial")
     dev = _device(o)
@@ -199,16 +216,44 @@ def cmd_pca_partial(a):
     stats = _load_stats(a.stats)
     group, battrs, layout = read_basis(a.basis, "basis")
     layout.same_as(stats.layout, f"{a.basis} vs. {a.stats}")
+    it = int(battrs["iteration"])
+    blocks = _job_blocks(layout, a)
     op = _operator(o["method"], model, stats, o, dev)
-    V = load_basis_tensors(group, layout, dev, a.basis)
     timer = Timer()
     with timer("total", dev):
         batches = paused_iter("pca-partial", _batches(a.data_dir, a.shard, o, dev)())
-        W, n = partial_products(op, batches, V, a.blocks, timer, dev)
-    write_partial(a.out, layout, W, n, {"iteration": int(battrs["iteration"]), "shard": a.shard,
-                                        "method": o["method"]})
-    _write_timing(a.timing, "pca-partial", timer, dev, n,
-                  {"method": o["method"], "iteration": int(battrs["iteration"])})
+        if a.gv:  # phase 2 of a block-group job: G·V from the pca-gv parts, V not loaded
+            U, rows = load_gv(a.gv, layout, it, a.shard)
+            W, n = partial_products_from_gv(op, batches, U, rows, blocks, timer, dev,
+                                            where=f"{a.data_dir} shard {a.shard}")
+        else:
+            V = load_basis_tensors(group, layout, dev, a.basis)
+            W, n = partial_products(op, batches, V, blocks, timer, dev)
+    write_partial(a.out, layout, W, n, {"iteration": it, "shard": a.shard, "method": o["method"]})
+    _write_timing(a.timing, "pca-partial", timer, dev, n, {"method": o["method"], "iteration": it})
+
+
+def cmd_pca_gv(a):
+    from ..runtime import Timer, paused_iter
+    from .power import gv_products, load_basis_tensors, read_basis, write_gv
+
+    o = _opts(a.params, {"method": "jvp_vjp"}, "pca-gv")
+    dev = _device(o)
+    model, _ = _model(a.model, dev)
+    stats = _load_stats(a.stats)
+    group, battrs, layout = read_basis(a.basis, "basis")
+    layout.same_as(stats.layout, f"{a.basis} vs. {a.stats}")
+    it = int(battrs["iteration"])
+    blocks = _job_blocks(layout, a)
+    op = _operator(o["method"], model, stats, o, dev)
+    V = load_basis_tensors(group, layout, dev, a.basis, blocks)
+    timer = Timer()
+    with timer("total", dev):
+        batches = paused_iter("pca-gv", _batches(a.data_dir, a.shard, o, dev)())
+        U, rows = gv_products(op, batches, V, timer, dev)
+    write_gv(a.out, layout, U, rows, blocks, {"iteration": it, "shard": a.shard, "method": o["method"]})
+    _write_timing(a.timing, "pca-gv", timer, dev, U.shape[0],
+                  {"method": o["method"], "iteration": it, "blocks": blocks})
 
 
 def cmd_pca_reduce(a):
@@ -250,7 +295,7 @@ def cmd_project(a):
     group, sattrs, layout = read_basis(a.subspace, "subspace")
     layout.same_as(stats.layout, f"{a.subspace} vs. {a.stats}")
     op = _operator(o["method"], model, stats, o, dev)
-    blocks = layout.check_blocks(a.blocks)
+    blocks = _job_blocks(layout, a)
     V = load_basis_tensors(group, layout, dev, a.subspace, blocks)
     K = next(iter(V.values())).shape[1]
     n = num_samples(a.data_dir, a.shard)
@@ -373,6 +418,11 @@ def register(subparsers) -> None:
         p.add_argument("--timing", default=None, help="write in-job timers (JSON)")
         p.set_defaults(runtime_into=("params",))
 
+    def block_group(p):
+        p.add_argument("--block-group", type=json_arg, default=None,
+                       help='JSON {"groups": n | {name: [blocks]}, "group": index | name}: the blocks '
+                            "of one group of subspace.block_jobs (instead of --blocks)")
+
     p = add("gradstats-partial", cmd_gradstats_partial, "per-shard sums of ∇E and ∇E² (normalization stats)")
     p.add_argument("--model", required=True)
     p.add_argument("--data-dir", required=True)
@@ -410,6 +460,20 @@ def register(subparsers) -> None:
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--blocks", default=None,
                    help="comma-separated parameter blocks of the output (default all)")
+    block_group(p)
+    p.add_argument("--gv", nargs="+", default=None,
+                   help="pca-gv parts of this shard (every block group): compute G_bᵀ(G·V) from "
+                        "them instead of loading V")
+    p.add_argument("--out", required=True)
+    compute(p, "; method (jvp_vjp|persample)")
+
+    p = add("pca-gv", cmd_pca_gv, "one shard's G_g·V_g over the parameter blocks of one group "
+                                  "(phase 1 of a block-group pca-partial)")
+    for opt in ("--model", "--data-dir", "--stats", "--basis"):
+        p.add_argument(opt, required=True)
+    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--blocks", default=None, help="comma-separated parameter blocks (default all)")
+    block_group(p)
     p.add_argument("--out", required=True)
     compute(p, "; method (jvp_vjp|persample)")
 
@@ -432,6 +496,7 @@ def register(subparsers) -> None:
         p.add_argument(opt, required=True)
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--blocks", default=None, help="comma-separated parameter blocks (default all)")
+    block_group(p)
     p.add_argument("--out", required=True)
     compute(p, "; method (persample|jvp_vjp), space")
 

@@ -93,6 +93,57 @@ class ParamLayout:
             self.block_params(b)
         return list(blocks)
 
+    def select_blocks(self, blocks=None, group: Mapping | None = None) -> list[str]:
+        """The blocks one job works on: ``blocks`` (names, comma-separated or a list; a
+        name may omit the ``NN_`` prefix) or ``group`` = {"groups": n | {name: [blocks]},
+        "group": index | name} (one group of :meth:`block_groups`); default all."""
+        if group:
+            groups = self.block_groups(group.get("groups", 1))
+            key = str(group.get("group"))
+            if key not in groups:
+                raise ConfigError(f"unknown parameter block group {key!r}; groups: {', '.join(groups)}")
+            return groups[key]
+        if isinstance(blocks, str) and blocks != "all":
+            blocks = [b for b in blocks.split(",") if b]
+        if blocks is None or blocks == "all":
+            return self.block_names
+        return [self._block_name(b) for b in blocks]
+
+    def _block_name(self, name: str) -> str:
+        if name in self.block_names:
+            return name
+        short = [b for b in self.block_names if re.sub(r"^\d+_", "", b) == name]
+        if len(short) == 1:
+            return short[0]
+        raise ConfigError(f"unknown parameter block '{name}'; blocks: {', '.join(self.block_names)}")
+
+    def block_groups(self, spec) -> dict[str, list[str]]:
+        """Parameter blocks grouped into jobs (``subspace.block_jobs``).
+
+        An integer n splits the blocks, in layout order, into n contiguous groups named
+        ``"0"``..``"n-1"`` whose largest parameter count is as small as possible (V_b, the
+        memory of a job, is proportional to it). A mapping {group name: [block names]}
+        names the groups; it must cover every block exactly once."""
+        names = self.block_names
+        if isinstance(spec, Mapping):
+            out = {str(g): [self._block_name(b) for b in bs] for g, bs in spec.items()}
+            flat = [b for bs in out.values() for b in bs]
+            missing = [b for b in names if b not in flat]
+            dup = sorted({b for b in flat if flat.count(b) > 1})
+            if missing or dup or any(not bs for bs in out.values()):
+                raise ConfigError(f"subspace.block_jobs: the groups must cover every parameter block "
+                                  f"exactly once (missing: {missing}, repeated: {dup}, blocks: "
+                                  f"{', '.join(names)})")
+            return {g: [b for b in names if b in bs] for g, bs in out.items()}  # layout order
+        n = int(spec)
+        if n < 1:
+            raise ConfigError(f"subspace.block_jobs must be >= 1, got {n}")
+        if n > len(names):
+            raise ConfigError(f"subspace.block_jobs = {n} exceeds the {len(names)} parameter blocks "
+                              f"({', '.join(names)}); use finer subspace.blocks (e.g. max_params)")
+        cuts = _min_max_partition([self.block_size(b) for b in names], n)
+        return {str(j): names[a:z] for j, (a, z) in enumerate(zip(cuts[:-1], cuts[1:], strict=True))}
+
     # -- flat vectors -----------------------------------------------------------------
     def take(self, flat, block: str):
         """Rows (or last-axis entries) of a flat P-vector / N×P matrix belonging to ``block``."""
@@ -148,6 +199,29 @@ class ParamLayout:
         if self.names != other.names or self.shapes != other.shapes or self.blocks != other.blocks:
             raise ConfigError(f"parameter layout mismatch{' (' + where + ')' if where else ''}: "
                               "the inputs were computed for different parameter selections or blocks")
+
+
+def _min_max_partition(sizes: list[int], n: int) -> list[int]:
+    """Cut points 0 = c_0 < c_1 < … < c_n = len(sizes) of the contiguous partition into n
+    non-empty parts with the smallest largest part sum (dynamic programme; ties go to
+    the earliest cut, so the result is deterministic)."""
+    m = len(sizes)
+    pre = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    inf = float("inf")
+    best = [[inf] * (m + 1) for _ in range(n + 1)]
+    arg = [[0] * (m + 1) for _ in range(n + 1)]
+    best[0][0] = 0
+    for j in range(1, n + 1):
+        for i in range(j, m - (n - j) + 1):
+            for c in range(j - 1, i):
+                v = max(best[j - 1][c], int(pre[i] - pre[c]))
+                if v < best[j][i]:
+                    best[j][i], arg[j][i] = v, c
+    cuts, i = [m], m
+    for j in range(n, 0, -1):
+        i = arg[j][i]
+        cuts.append(i)
+    return cuts[::-1]
 
 
 def build_layout(model, params="all", blocks="stages") -> ParamLayout:

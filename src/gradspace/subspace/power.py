@@ -35,6 +35,7 @@ from .layout import ParamLayout
 
 BASIS_KIND = "basis"
 PARTIAL_KIND = "pca_partial"
+GV_KIND = "pca_gv"
 SUBSPACE_KIND = "subspace"
 
 
@@ -165,6 +166,101 @@ def partial_products(op, batches, V: dict, blocks_out=None, timer=None, device=N
         for b in blocks_out:
             acc[b] += W[b].to(torch.float64)
         n += x.shape[0]
+    return {b: a.cpu().numpy() for b, a in acc.items()}, n
+
+
+# -- two-phase products per block group (V never whole on one device) ---------------------
+#
+# C·V = Σ_i G_iᵀ (G_i V) and G_i V = Σ_b G_{i,b} V_b, so a job that holds only the blocks
+# of one group g computes (phase 1, ``pca-gv``) its part U_g = G_g V_g (N×K per shard),
+# and after the parts of all groups are summed to U = G V (phase 2, ``pca-partial --gv``)
+# the rows W_b = G_bᵀ U of its own blocks, which needs no V at all. The normalization
+# G_b = (∇_b E − m_b) diag(s_b) is blockwise, so the mean correction of Alg. 3–4 splits
+# over blocks exactly like the products.
+
+def gv_products(op, batches, V: dict, timer=None, device=None):
+    """U = Σ_{b∈V} G_b V_b for every sample of ``batches`` (float64 N×K) and the rows."""
+    Us, rows_all = [], []
+    for x, _, rows in batches:
+        x = x.to(op.device)
+        if timer is not None:
+            with timer("products", device):
+                U = op.gv(x, V)
+        else:
+            U = op.gv(x, V)
+        Us.append(U.double().cpu().numpy())
+        rows_all.append(np.asarray(rows.cpu() if hasattr(rows, "cpu") else rows, np.int64))
+    K = next(iter(V.values())).shape[1]
+    if not Us:
+        return np.zeros((0, K)), np.zeros(0, np.int64)
+    return np.concatenate(Us), np.concatenate(rows_all)
+
+
+def write_gv(path, layout: ParamLayout, U: np.ndarray, rows: np.ndarray, blocks, attrs: dict) -> None:
+    if not np.isfinite(U).all():
+        bad = int(np.argwhere(~np.isfinite(U))[0][0])
+        raise NumericalError(f"{path}: non-finite product G·V for sample index {int(rows[bad])}")
+    with atomic_group(path, {"kind": GV_KIND, "layout": layout.to_dict(), "n": int(U.shape[0]),
+                             "blocks": list(blocks), **attrs}) as g:
+        put_array(g, "U", np.asarray(U, np.float64))
+        put_array(g, "index", np.asarray(rows, np.int64))
+
+
+def load_gv(paths: Sequence, layout: ParamLayout, iteration=None, shard=None):
+    """Sum the G_g·V_g parts of one shard to U = G·V (float64 N×K); checks that the parts
+    cover every parameter block exactly once, for the same iteration, shard and rows."""
+    if not paths:
+        raise StoreError("no G·V parts given (--gv)")
+    U, rows, covered = None, None, []
+    for p in paths:
+        g, attrs, lay = open_blocks(p, GV_KIND)
+        layout.same_as(lay, str(p))
+        if iteration is not None and int(attrs.get("iteration", -1)) != int(iteration):
+            raise StoreError(f"{p}: G·V part of iteration {attrs.get('iteration')}, expected {iteration}")
+        if shard is not None and str(attrs.get("shard")) != str(shard):
+            raise StoreError(f"{p}: G·V part of shard {attrs.get('shard')}, expected {shard}")
+        part, idx = np.asarray(g["U"][...], np.float64), np.asarray(g["index"][...], np.int64)
+        if rows is None:
+            U, rows = part.copy(), idx
+        elif part.shape != U.shape or not np.array_equal(idx, rows):
+            raise StoreError(f"{p}: rows or shape differ from {paths[0]}")
+        else:
+            U += part
+        covered += list(attrs["blocks"])
+    if sorted(covered) != sorted(layout.block_names):
+        raise StoreError(f"G·V parts {list(map(str, paths))} cover parameter blocks {sorted(covered)}, "
+                         f"expected each of {layout.block_names} once")
+    return U, rows
+
+
+def partial_products_from_gv(op, batches, U: np.ndarray, rows: np.ndarray, blocks_out, timer=None,
+                             device=None, where=""):
+    """W_b = Σ_i G_{i,b}ᵀ U_i for the blocks ``blocks_out``, with U = G·V precomputed (the
+    rows of U follow the order of ``batches``, checked against the stored indices)."""
+    import torch
+
+    blocks_out = op.layout.check_blocks(blocks_out)
+    K = U.shape[1]
+    acc = {b: torch.zeros(op.layout.block_size(b), K, dtype=torch.float64, device=op.device)
+           for b in blocks_out}
+    n = 0
+    for x, _, r in batches:
+        r = np.asarray(r.cpu() if hasattr(r, "cpu") else r, np.int64)
+        if not np.array_equal(r, rows[n:n + r.size]):
+            raise StoreError(f"{where}: the G·V parts do not hold the rows of this shard in order "
+                             f"(sample index {int(r[0])} at position {n})")
+        x = x.to(op.device)
+        Ub = torch.as_tensor(U[n:n + r.size], dtype=torch.float32, device=op.device)
+        if timer is not None:
+            with timer("products", device):
+                W = op.gtu(x, Ub, blocks_out)
+        else:
+            W = op.gtu(x, Ub, blocks_out)
+        for b in blocks_out:
+            acc[b] += W[b].to(torch.float64)
+        n += r.size
+    if n != rows.size:
+        raise StoreError(f"{where}: the G·V parts hold {rows.size} rows, the shard {n}")
     return {b: a.cpu().numpy() for b, a in acc.items()}, n
 
 

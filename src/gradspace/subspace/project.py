@@ -3,7 +3,8 @@
     G_low(x) = G(x) V = Σ_b G_b(x) V_b   (N×K per shard, parameter blocks summed).
 
 A job projects one (subspace, dataset, shard) over all blocks, or over a subset of blocks
-(``blocks``) when V is too large for one device; ``merge_parts`` sums the block parts.
+(``blocks``; in the workflow one group of ``subspace.block_jobs``) when V is too large for
+one device; ``merge_parts`` sums the block parts (``project-merge``).
 The store holds ``reduced`` (N×K float32), ``labels``, ``index`` and ``gnorm2`` = ‖G(x)‖²
 restricted to the projected blocks (``persample`` only; NaN for ``jvp_vjp``), from which
 the reconstruction error ‖G − G V Vᵀ‖/‖G‖ = (1 − ‖G V‖²/‖G‖²)^½ of an orthonormal V follows
@@ -90,7 +91,7 @@ def merge_parts(part_paths, out_path, all_blocks) -> dict:
         for k, v in a.get("timing", {}).get("seconds", {}).items():
             timing[k] = timing.get(k, 0.0) + v
     meta = {k: v for k, v in attrs[0].items() if k not in ("gradspace", "blocks", "timing")}
-    meta["blocks"] = sorted(all_blocks)
+    meta["blocks"] = list(all_blocks)
     meta["timing"] = {**attrs[0].get("timing", {}), "seconds": timing}
     with ShardWriter(out_path, n_rows=n, attrs=meta) as w:
         w.put("reduced", sum(np.asarray(g["reduced"][...], np.float64) for g in groups).astype(np.float32))
