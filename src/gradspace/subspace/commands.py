@@ -344,11 +344,11 @@ def cmd_gradient_diagnostics(a):
     from ..data.loader import num_samples
     from .diagnostics import (
         _write_csv,
-        class_mean_cosines,
+        gradient_pass_diagnostics,
+        load_class_means,
         nn_mean_distance,
         reduced_rows,
         sample_rows,
-        sampled_gradients,
         write_json,
     )
     from .io import open_blocks
@@ -362,32 +362,30 @@ def cmd_gradient_diagnostics(a):
     reduced = {space_ds: v for space_ds, v in _parse_sets(a.reduced, "--reduced").items()}
     if "id_train" not in data:
         raise ConfigError("gradient-diagnostics needs --data id_train=DIR")
-    grads = {}
+    rows, batches = {}, {}
     for salt, (ds, d) in enumerate(sorted(data.items())):
-        rows = sample_rows(num_samples(d), int(o["n_samples"]), int(o["seed"]), salt)
-        grads[ds] = sampled_gradients(op, _batches(d, None, o, dev)(), rows, float(o["max_gib"]) * 2**30)
-    ref = grads["id_train"][0]
+        rows[ds] = sample_rows(num_samples(d), int(o["n_samples"]), int(o["seed"]), salt)
+        batches[ds] = _batches(d, None, o, dev)
+    means = None
+    if a.ag:
+        g, _, lay = open_blocks(a.ag, "subspace")
+        lay.same_as(stats.layout, f"{a.ag} vs. {a.stats}")
+        means = load_class_means(g, lay, a.ag)
+    dist, cos, _ = gradient_pass_diagnostics(op, batches, rows, "id_train", means,
+                                             max_bytes=float(o["max_gib"]) * 2**30)
     nn_rows = []
-    for ds, (G, _, rows) in grads.items():
-        if ds == "id_train":
-            continue
-        row = {"dataset": ds, "n": int(G.shape[0]), "whole": nn_mean_distance(G, ref)}
+    for ds in (d for d in batches if d != "id_train"):
+        row = {"dataset": ds, "n": int(dist[ds].size),
+               "whole": float(dist[ds].mean()) if dist[ds].size else float("nan")}
         for space, stores in sorted(reduced.items()):
             sp, _, dset = space.partition(":")
             if dset == ds and f"{sp}:id_train" in reduced:
-                rref = reduced_rows(reduced[f"{sp}:id_train"], grads["id_train"][2])
-                row[sp] = nn_mean_distance(reduced_rows(stores, rows), rref)
+                rref = reduced_rows(reduced[f"{sp}:id_train"], rows["id_train"])
+                row[sp] = nn_mean_distance(reduced_rows(stores, rows[ds]), rref)
         nn_rows.append(row)
     _write_csv(Path(a.out_dir) / "nn_distances.csv", nn_rows)
-    cos_rows = []
-    if a.ag:
-        g, _, lay = open_blocks(a.ag, "subspace")
-        for ds in ("id_train", "id_test"):
-            if ds in grads:
-                G, y, _ = grads[ds]
-                c = class_mean_cosines(G, y, g, lay, a.ag)
-                cos_rows.append({"dataset": ds, "n": int(c.size), "mean": float(c.mean()),
-                                 "std": float(c.std())})
+    cos_rows = [{"dataset": ds, "n": int(c.size), "mean": float(c.mean()), "std": float(c.std())}
+                for ds, c in cos.items()]
     _write_csv(Path(a.out_dir) / "class_mean_cosine.csv", cos_rows)
     write_json(Path(a.out_dir) / "gradient_diagnostics.json", {"nn_distances": nn_rows,
                                                               "class_mean_cosine": cos_rows})
@@ -520,7 +518,8 @@ def register(subparsers) -> None:
     p.add_argument("--data", action="append", default=[], metavar="DATASET=DIR")
     p.add_argument("--reduced", action="append", default=[], metavar="SPACE:DATASET=STORE[,STORE...]")
     p.add_argument("--out-dir", required=True)
-    compute(p, "; n_samples (1000), seed, max_gib")
+    compute(p, "; n_samples (1000), seed, max_gib (memory for the ID-train reference gradients of the "
+               "whole-space NN search; more is split into pieces, one more query pass each)")
 
     p = add("ensemble-scores", cmd_ensemble, "S_f + alpha*S_b (paper eq. 11)")
     p.add_argument("--feature", required=True, help="feature-space scores .npy")

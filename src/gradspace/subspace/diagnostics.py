@@ -13,6 +13,15 @@ With a gradient pass over a seeded random sample of at most ``n_samples`` rows p
 - mean nearest-neighbour distance from ID-test / OOD samples to ID-train samples, between
   unit-normalized gradients, in the whole space and in the reduced space (Table 9);
 - cosine between G(x) and its class-mean gradient μ_y (AG means) on ID train and test (Table 13).
+
+Memory (:func:`gradient_pass_diagnostics`): gradients are computed one loader batch at a
+time and never held for a whole sample, except the ID-train *reference* of the whole-space
+nearest-neighbour search, which every query must meet. That reference is held in pieces of
+at most ``max_bytes`` (``subspace.diagnostics.max_gib``); when the n_samples reference
+gradients (n·P·4 bytes) exceed it, the search runs one piece at a time and each further
+piece costs one more gradient pass over the query samples (results are exact either way).
+The cosines stream (the class means, P×C like the AG basis, are held once), and so do
+the reduced rows of the sample (m×K).
 """
 
 from __future__ import annotations
@@ -133,36 +142,113 @@ def sample_rows(n_total: int, n_samples: int, seed: int, salt: int = 0) -> np.nd
     return np.sort(rng.choice(n_total, n_samples, replace=False))
 
 
-def sampled_gradients(op, batches, rows_wanted: np.ndarray, max_bytes: float):
-    """Normalized gradients G (m×P float32, numpy) and labels of the wanted manifest rows."""
-    P = op.layout.num_params
-    if rows_wanted.size * P * 4 > max_bytes:
-        raise DataError(f"gradient diagnostics would hold {rows_wanted.size}×{P} gradients "
-                        f"({rows_wanted.size * P * 4 / 2**30:.1f} GiB > limit); lower n_samples")
-    G, Y, R = [], [], []
+def sampled_chunks(op, batches, rows_wanted: np.ndarray):
+    """Yield (G, labels, rows) per loader batch for the wanted manifest rows: the normalized
+    gradients G (m_c×P float32 numpy) of the batch's wanted samples only."""
+    import torch
+
+    rows_wanted = np.asarray(rows_wanted)
     for x, y, rows in batches:
-        rows = np.asarray(rows)
+        rows = np.asarray(rows.cpu() if hasattr(rows, "cpu") else rows)
         keep = np.isin(rows, rows_wanted)
         if not keep.any():
             continue
-        import torch
-
         g = op.gradients(x[torch.as_tensor(keep, device=x.device)])
-        G.append(g.cpu().numpy())
-        Y.append(np.asarray(y)[keep])
-        R.append(rows[keep])
-    if not G:
-        return np.zeros((0, P), np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(G), np.concatenate(Y), np.concatenate(R)
+        yield g.cpu().numpy(), np.asarray(y.cpu() if hasattr(y, "cpu") else y)[keep], rows[keep]
+
+
+def _unit32(a) -> np.ndarray:
+    a = np.asarray(a)
+    n = np.linalg.norm(a.astype(np.float64), axis=1, keepdims=True)
+    return (a / np.maximum(n, 1e-300)).astype(np.float32)
+
+
+def _cosines(G, y, means: dict, mu_norm: np.ndarray, layout) -> np.ndarray:
+    """cos(G_i, μ_{y_i}) for one chunk, blockwise (means: block -> P_b×C float32)."""
+    dots = None
+    for b, mb in means.items():
+        d = (layout.take(G, b) @ mb).astype(np.float64)
+        dots = d if dots is None else dots + d
+    gn = np.linalg.norm(np.asarray(G, np.float64), axis=1)
+    y = np.asarray(y, np.int64)
+    return dots[np.arange(y.size), y] / np.maximum(gn * mu_norm[y], 1e-300)
+
+
+def load_class_means(ag_group, layout, path="") -> tuple[dict, np.ndarray]:
+    """The AG class means per block (float32) and ‖μ_c‖."""
+    means, mu2 = {}, None
+    for b in layout.block_names:
+        key = f"means.{b}"
+        if key not in ag_group:
+            raise StoreError(f"{path}: no class means '{key}' (not an AG subspace store)")
+        means[b] = np.asarray(ag_group[key][...], np.float32)
+        m2 = (means[b].astype(np.float64) ** 2).sum(0)
+        mu2 = m2 if mu2 is None else mu2 + m2
+    return means, np.sqrt(mu2)
+
+
+def gradient_pass_diagnostics(op, batches: dict, rows: dict, ref: str = "id_train", means=None,
+                              cosine_sets=("id_train", "id_test"), max_bytes: float = 8 * 2**30,
+                              sub_rows: int = 256):
+    """Whole-space nearest-neighbour distances and class-mean cosines over sampled rows.
+
+    ``batches``: dataset -> callable returning a fresh batch iterator; ``rows``: dataset ->
+    sorted manifest rows of its sample; ``means``: (block means, ‖μ‖) of
+    :func:`load_class_means` or None. Returns ({dataset: distance from each sampled row to
+    its nearest ``ref`` row, unit-normalized gradients}, {dataset: cosines}, {dataset: labels})
+    for every dataset other than ``ref`` (distances) and the ``cosine_sets`` (cosines).
+    At most ``max_bytes`` of reference gradients are held at once (see the module doc)."""
+    P = op.layout.num_params
+    per_piece = int(max_bytes // (4 * P))
+    if per_piece < 1:
+        raise DataError(f"one gradient of {P} parameters ({4 * P / 2**30:.2f} GiB) exceeds the "
+                        f"gradient-diagnostics memory limit ({max_bytes / 2**30:.2f} GiB, max_gib)")
+    ref_rows = np.asarray(rows[ref])
+    queries = [ds for ds in batches if ds != ref]
+    best = {ds: np.full(len(rows[ds]), np.inf) for ds in queries}
+    cos = {ds: [] for ds in cosine_sets if ds in batches and means is not None}
+    labels = {ds: [] for ds in batches}
+    pieces = [ref_rows[i:i + per_piece] for i in range(0, max(len(ref_rows), 1), per_piece)]
+    for j, piece in enumerate(pieces):
+        R = []
+        for G, y, _ in sampled_chunks(op, batches[ref](), piece):
+            R.append(_unit32(G))
+            labels[ref].append(y)
+            if ref in cos:
+                cos[ref].append(_cosines(G, y, means[0], means[1], op.layout))
+        R = np.concatenate(R) if R else np.zeros((0, P), np.float32)
+        for ds in queries:
+            pos = 0
+            for G, y, _ in sampled_chunks(op, batches[ds](), rows[ds]):
+                if j == 0:
+                    labels[ds].append(y)
+                    if ds in cos:
+                        cos[ds].append(_cosines(G, y, means[0], means[1], op.layout))
+                Q = _unit32(G).astype(np.float64)
+                d2 = best[ds][pos:pos + Q.shape[0]]
+                for a in range(0, R.shape[0], sub_rows):
+                    d2 = np.minimum(d2, (2.0 - 2.0 * (Q @ R[a:a + sub_rows].astype(np.float64).T)).min(1))
+                best[ds][pos:pos + Q.shape[0]] = d2
+                pos += Q.shape[0]
+        del R
+    dist = {ds: np.sqrt(np.maximum(d2, 0.0)) for ds, d2 in best.items()}
+    cat = {ds: np.concatenate(v) if v else np.zeros(0) for ds, v in cos.items()}
+    lab = {ds: np.concatenate(v) if v else np.zeros(0, np.int64) for ds, v in labels.items()}
+    return dist, cat, lab
 
 
 def reduced_rows(stores, rows: np.ndarray) -> np.ndarray:
-    """Rows (manifest indices) of the reduced stores, in the order of ``rows``."""
+    """Rows (manifest indices) of the reduced stores, in the order of ``rows`` (streamed:
+    only the wanted rows are kept)."""
+    want = {int(r) for r in rows}
     parts, idx = [], []
     for c in iter_chunks(stores, ["reduced", "index"]):
-        parts.append(np.asarray(c["reduced"]))
-        idx.append(np.asarray(c["index"]))
-    red, idx = np.concatenate(parts), np.concatenate(idx)
+        i = np.asarray(c["index"])
+        keep = np.fromiter((int(v) in want for v in i), bool, i.size)
+        parts.append(np.asarray(c["reduced"])[keep])
+        idx.append(i[keep])
+    red = np.concatenate(parts) if parts else np.zeros((0, 0), np.float32)
+    idx = np.concatenate(idx) if idx else np.zeros(0, np.int64)
     pos = {int(i): j for j, i in enumerate(idx)}
     missing = [int(r) for r in rows if int(r) not in pos]
     if missing:
@@ -176,7 +262,8 @@ def _unit(a):
 
 
 def nn_mean_distance(query: np.ndarray, ref: np.ndarray, chunk: int = 256) -> float:
-    """Mean over queries of the Euclidean distance to the nearest reference (unit vectors)."""
+    """Mean over queries of the Euclidean distance to the nearest reference (unit vectors),
+    both held in memory (used for the reduced space, m×K)."""
     q, r = _unit(query), _unit(ref)
     best = []
     for a in range(0, q.shape[0], chunk):
@@ -186,7 +273,8 @@ def nn_mean_distance(query: np.ndarray, ref: np.ndarray, chunk: int = 256) -> fl
 
 
 def class_mean_cosines(G: np.ndarray, y: np.ndarray, ag_group, layout, path="") -> np.ndarray:
-    """cos(G_i, μ_{y_i}) with the AG class means stored per block (P_b×C)."""
+    """cos(G_i, μ_{y_i}) with the AG class means stored per block (P_b×C), for gradients G
+    held in memory (reference for the streamed :func:`gradient_pass_diagnostics`)."""
     dots, mu2 = None, None
     for b in layout.block_names:
         key = f"means.{b}"
