@@ -85,6 +85,41 @@ def prepare_params(dataset):
 # file again, so the variable is set wherever a job runs.
 export_runtime_settings(config["compute"])
 
+# The shard count the config asks for each dataset, for the jobs' layout checks: a job
+# that meets a manifest or shard stores written under another shard setting fails,
+# naming the dataset and both counts (gradspace.data.manifest.check_shard_request,
+# gradspace.store.check_shard_set), instead of mixing layouts.
+import os as _os
+from gradspace.data.manifest import SHARDS_ENV
+
+_os.environ[SHARDS_ENV] = json.dumps({ds: n_shards(ds) for ds in DATASETS}, sort_keys=True)
+
+
+# Before the first job starts (main process only; not for dry runs), check every finished
+# store of the experiment cheaply: completion record present, every recorded file present
+# with its recorded size (one stat per file). A broken store stops the run with a message
+# naming it; `gradspace verify-stores <results> --remove` removes such stores so that the
+# next run rebuilds them. GRADSPACE_VERIFY_STORES=0 skips this check (jobs still check
+# every store they open).
+onstart:
+    if _os.environ.get("GRADSPACE_VERIFY_STORES", "1") != "0" and _os.path.isdir(R):
+        import time as _time
+        from snakemake.exceptions import WorkflowError
+        from snakemake.logging import logger
+        from gradspace.store import find_stores, verify_stores
+
+        _t0 = _time.perf_counter()
+        _bad = verify_stores(R, full=False)
+        if _bad:
+            _msg = "\n".join(f"  {p}: {why}" for p, why in _bad)
+            raise WorkflowError(
+                f"{len(_bad)} store(s) under {R} are broken (truncated, missing files or "
+                f"incomplete):\n{_msg}\nRemove them with `gradspace verify-stores {R} --remove` "
+                "(add --quick to skip the full checksum pass), then run snakemake again: it "
+                "rebuilds exactly the removed stores and reruns what depends on them.")
+        logger.info(f"gradspace: {len(find_stores(R))} stores under {R} checked (sizes) in "
+                    f"{_time.perf_counter() - _t0:.1f}s")
+
 
 def compute_params():
     """Settings that change outputs: numeric precision and input normalization."""
