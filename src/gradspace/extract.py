@@ -193,7 +193,9 @@ def extract_shard(model_path, data_dir, shard: int, out, params: dict | None = N
     bar = tqdm(total=n, desc=f"extract {name}/{shard}", unit="img", unit_scale=True,
                disable=not progress, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     t_start = time.perf_counter()
-    with ShardWriter(out, n_rows=n, attrs=attrs) as w:
+    from .data.manifest import shard_layout
+
+    with ShardWriter(out, n_rows=n, attrs=attrs, layout=shard_layout(data_dir, shard, info)) as w:
         w.create("logits", (n, c), "float32")
         w.create("features", (n, d), "float32")
         for k in ("labels", "preds", "index"):

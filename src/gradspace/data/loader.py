@@ -46,9 +46,9 @@ def num_samples(data_dir, shard: int | None = None) -> int:
 
 
 def _check_shard(data_dir, info: dict, shard: int) -> None:
-    if not 0 <= int(shard) < int(info["shards"]):
-        raise DataError(f"prepared dataset {data_dir}: shard {shard} out of range "
-                        f"(it has {info['shards']} shards)")
+    from .manifest import check_shard_request
+
+    check_shard_request(data_dir, info, shard)
 
 
 def _norm_stats(name: str, values, channels: int, default: float):

@@ -37,6 +37,59 @@ def shard_assignment(n: int, shards: int) -> np.ndarray:
     return (np.arange(n, dtype=np.int64) * shards) // n
 
 
+def shard_rows(n: int, shards: int, shard: int) -> tuple[int, int]:
+    """Manifest rows [start, stop) of ``shard``: the p with floor(p * shards / n) == shard."""
+    return -(-shard * n // shards), -(-(shard + 1) * n // shards)
+
+
+SHARDS_ENV = "GRADSPACE_SHARDS"
+
+
+def expected_shards(dataset: str) -> int | None:
+    """The shard count the workflow's config asks for ``dataset`` ($GRADSPACE_SHARDS, a JSON
+    object {dataset: shards} exported by the workflow), or None outside the workflow."""
+    import os
+
+    raw = os.environ.get(SHARDS_ENV)
+    if not raw:
+        return None
+    try:
+        value = json.loads(raw).get(dataset)
+    except (ValueError, AttributeError):
+        return None
+    return None if value is None else int(value)
+
+
+def check_shard_request(data_dir, info: dict, shard: int | None = None) -> None:
+    """DataError when the prepared dataset's shard layout is not the one asked for: ``shard``
+    out of range, or (inside the workflow) a manifest prepared with another shard count
+    than the config's (a stale manifest after a change of data.shards)."""
+    name = info.get("name", Path(data_dir).name)
+    found = int(info["shards"])
+    want = expected_shards(name)
+    if want is not None and want != found:
+        raise DataError(
+            f"inconsistent shard counts for dataset '{name}': the config asks for {want} "
+            f"shard(s), but its manifest {Path(data_dir) / INFO} was prepared with {found}; the "
+            f"manifest is stale (prepared before a change of data.shards / data.id.shards / "
+            f"data.ood.{name}.shards and not redone, e.g. under --rerun-triggers mtime or after "
+            f"losing .snakemake/metadata): rerun its preparation and what depends on it, "
+            f"`snakemake --forcerun {data_dir}`")
+    if shard is not None and not 0 <= int(shard) < found:
+        raise DataError(f"inconsistent shard counts for dataset '{name}': shard {shard} out of "
+                        f"range, its manifest {Path(data_dir) / INFO} has {found} shard(s)")
+
+
+def shard_layout(data_dir, shard: int, info: dict | None = None) -> dict:
+    """The layout record of one shard store (``ShardWriter(..., layout=...)``): dataset,
+    data_dir, shard, shards, n and the manifest rows [start, stop)."""
+    info = read_info(data_dir) if info is None else info
+    check_shard_request(data_dir, info, shard)
+    n, k = int(info["n"]), int(info["shards"])
+    return {"dataset": info.get("name", Path(data_dir).name), "data_dir": str(data_dir),
+            "shard": int(shard), "shards": k, "n": n, "rows": list(shard_rows(n, k, int(shard)))}
+
+
 def write_manifest(path: Path, index, ids, labels, shards) -> None:
     import pandas as pd
 

@@ -144,8 +144,9 @@ class StoreChunks:
         self.extra = list(extra)  # store arrays read as-is (e.g. "index")
 
     def __iter__(self):
-        from ..store import iter_chunks
+        from ..store import check_shard_set, iter_chunks
 
+        check_shard_set(self.paths)  # shard stores of one dataset, one consistent layout
         src = [self.mapping.get(n, n) for n in self.names] + self.extra
         for path in self.paths:
             start = 0
