@@ -81,17 +81,24 @@ def hardware_description(device=None) -> str:
 def pause_point(name: str) -> None:
     """Fault-injection hook for the resume tests.
 
-    When ``$GRADSPACE_PAUSE_AT`` equals ``name``, the job touches
-    ``$GRADSPACE_PAUSE_MARKER`` (if set) and sleeps, so a test can kill it at a known
-    point in the middle of writing its output. It does nothing otherwise.
+    When ``$GRADSPACE_PAUSE_AT`` equals ``name``, the job appends a line to
+    ``$GRADSPACE_PAUSE_MARKER`` (if set) and sleeps ``$GRADSPACE_PAUSE_SECONDS`` (120), so
+    a test can kill it at a known point in the middle of writing its output. With
+    ``$GRADSPACE_PAUSE_ALLOC_MB`` it first allocates (and touches) that many MB and holds
+    them while it sleeps, like a job that needs more memory than it asked for (the SLURM
+    retry test: the scheduler kills it, Snakemake resubmits it with more). It does nothing
+    otherwise.
     """
     if os.environ.get("GRADSPACE_PAUSE_AT") != name:
         return
     marker = os.environ.get("GRADSPACE_PAUSE_MARKER")
     if marker:
         with open(marker, "a") as fh:
-            fh.write(f"{name} {os.getpid()}\n")
+            fh.write(f"{name} {os.getpid()} {os.environ.get('SLURM_JOB_ID', '-')}\n")
+    mb = int(os.environ.get("GRADSPACE_PAUSE_ALLOC_MB", "0") or 0)
+    ballast = np.ones(mb * (1 << 20) // 8, dtype=np.float64) if mb > 0 else None  # touched pages
     time.sleep(float(os.environ.get("GRADSPACE_PAUSE_SECONDS", "120")))
+    del ballast
 
 
 def paused_iter(name: str, iterable):

@@ -195,6 +195,9 @@ def prepare_dataset(name: str, params: dict, seed: int, out) -> dict:
         write_manifest(tmp / MANIFEST, index, ids, labels, shards)
         if source.backend == "array":
             _write_images(tmp / IMAGES, source, index, size, channels, info)
+        from ..runtime import pause_point
+
+        pause_point("prepare")  # fault injection (tests): before the output is renamed into place
         with open(tmp / INFO, "w") as f:
             json.dump(info, f, indent=2, sort_keys=False)
         if out.exists():
