@@ -55,6 +55,79 @@ die() {
 
 running() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
+# The slurm.conf this script wants, written to $1 (also sets HOST, NCPU, REAL_MB,
+# SLURM_USER).  Compared with the installed file: an outdated configuration written
+# by an older version of this script is replaced and the daemons started here are
+# restarted with it.
+wanted_conf() {
+HOST=$(hostname -s)
+getent hosts "$HOST" >/dev/null || die "hostname '$HOST' does not resolve (add it to /etc/hosts)"
+NCPU=$(nproc)
+TOTAL_MB=$(free -m | awk '/^Mem:/ {print $2}')
+REAL_MB=$((TOTAL_MB - MEM_HEADROOM_MB))
+((REAL_MB >= 512)) || REAL_MB=$((TOTAL_MB * 3 / 4))
+SLURM_USER=root
+id slurm >/dev/null 2>&1 && SLURM_USER=slurm
+cat >"$1" <<EOF
+$MARKER
+# Single-node test cluster: no accounting, no cgroups.  Memory and time limits are
+# enforced without cgroups: jobacct_gather/linux samples each step's processes every
+# second and OverMemoryKill kills a step above its --mem (job state OUT_OF_MEMORY);
+# slurmctld ends jobs past their -t limit (TIMEOUT, checked about every 30 s).
+ClusterName=$CLUSTER_NAME
+SlurmctldHost=$HOST
+SlurmUser=$SLURM_USER
+SlurmdUser=root
+AuthType=auth/munge
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SwitchType=switch/none
+SchedulerType=sched/backfill
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=512
+ReturnToService=2
+# Trust the node line below instead of draining the node when the detected
+# hardware differs slightly (sandboxed/virtual machines report odd topologies).
+SlurmdParameters=config_overrides
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
+OverTimeLimit=0
+JobCompType=jobcomp/none
+# Keep finished jobs visible to squeue/scontrol for a while (there is no sacct).
+MinJobAge=600
+StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=/var/spool/slurmd
+SlurmctldPidFile=/run/slurmctld.pid
+SlurmdPidFile=/run/slurmd.pid
+SlurmctldLogFile=$LOG_DIR/slurmctld.log
+SlurmdLogFile=$LOG_DIR/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+SlurmctldTimeout=30
+SlurmdTimeout=60
+InactiveLimit=0
+KillWait=5
+Waittime=0
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=$REAL_MB State=UNKNOWN
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
+EOF
+}
+
+# True unless /etc/slurm/slurm.conf is ours and differs from what we would write now.
+conf_current() {
+    [[ -f $CONF ]] && grep -qF "$MARKER" "$CONF" || return 0
+    local want
+    want=$(mktemp)
+    wanted_conf "$want"
+    if cmp -s "$want" "$CONF"; then rm -f "$want"; return 0; fi
+    rm -f "$want"
+    return 1
+}
+
 # True when the controller answers and at least one node is usable.
 cluster_usable() {
     command -v sinfo >/dev/null 2>&1 || return 1
@@ -67,7 +140,7 @@ cluster_usable() {
     grep -qE '^(idle|mixed|allocated|completing)' <<<"$states"
 }
 
-if cluster_usable; then
+if cluster_usable && conf_current; then
     log "SLURM already answers sinfo with a usable node; nothing to do."
     sinfo
     exit 0
@@ -132,66 +205,18 @@ else
 fi
 
 # ---------------------------------------------------------------- slurm.conf
-HOST=$(hostname -s)
-getent hosts "$HOST" >/dev/null || die "hostname '$HOST' does not resolve (add it to /etc/hosts)"
-NCPU=$(nproc)
-TOTAL_MB=$(free -m | awk '/^Mem:/ {print $2}')
-REAL_MB=$((TOTAL_MB - MEM_HEADROOM_MB))
-((REAL_MB >= 512)) || REAL_MB=$((TOTAL_MB * 3 / 4))
-SLURM_USER=root
-id slurm >/dev/null 2>&1 && SLURM_USER=slurm
-
 if [[ -f $CONF ]] && ! grep -qF "$MARKER" "$CONF" && [[ ${GRADSPACE_SLURM_FORCE_CONF:-0} != 1 ]]; then
     die "$CONF exists and was not written by this script; refusing to overwrite (GRADSPACE_SLURM_FORCE_CONF=1 to force)"
 fi
 
 mkdir -p "$CONF_DIR"
 new_conf=$(mktemp)
-cat >"$new_conf" <<EOF
-$MARKER
-# Single-node test cluster: no accounting, no cgroups.
-ClusterName=$CLUSTER_NAME
-SlurmctldHost=$HOST
-SlurmUser=$SLURM_USER
-SlurmdUser=root
-AuthType=auth/munge
-MpiDefault=none
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SwitchType=switch/none
-SchedulerType=sched/backfill
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core_Memory
-DefMemPerCPU=512
-ReturnToService=2
-# Trust the node line below instead of draining the node when the detected
-# hardware differs slightly (sandboxed/virtual machines report odd topologies).
-SlurmdParameters=config_overrides
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-# Keep finished jobs visible to squeue/scontrol for a while (there is no sacct).
-MinJobAge=600
-StateSaveLocation=/var/spool/slurmctld
-SlurmdSpoolDir=/var/spool/slurmd
-SlurmctldPidFile=/run/slurmctld.pid
-SlurmdPidFile=/run/slurmd.pid
-SlurmctldLogFile=$LOG_DIR/slurmctld.log
-SlurmdLogFile=$LOG_DIR/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-SlurmctldTimeout=30
-SlurmdTimeout=60
-InactiveLimit=0
-KillWait=10
-Waittime=0
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$NCPU RealMemory=$REAL_MB State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO
-EOF
+wanted_conf "$new_conf"
 if [[ -f $CONF ]] && cmp -s "$new_conf" "$CONF"; then
     rm -f "$new_conf"
     log "$CONF unchanged"
 else
+    [[ -f $CONF ]] && CONF_CHANGED=1
     install -m 0644 "$new_conf" "$CONF"
     rm -f "$new_conf"
     log "wrote $CONF (CPUs=$NCPU RealMemory=${REAL_MB}MB host=$HOST user=$SLURM_USER)"
@@ -204,6 +229,24 @@ touch "$LOG_DIR/slurmd.log" "$LOG_DIR/slurmctld.log"
 chown "$SLURM_USER":"$SLURM_USER" "$LOG_DIR/slurmctld.log"
 
 # ---------------------------------------------------------------- daemons
+# A changed configuration (e.g. other plugins) needs a restart; only daemons that this
+# script started (recorded in $STATE_DIR) are restarted, slurmd first.  slurmctld keeps
+# its job state in StateSaveLocation across the restart.
+if [[ ${CONF_CHANGED:-0} == 1 ]]; then
+    for name in slurmd slurmctld; do
+        running /run/$name.pid || continue
+        pid=$(cat /run/$name.pid)
+        if [[ -s $STATE_DIR/$name.pid && $(cat "$STATE_DIR/$name.pid") == "$pid" ]]; then
+            log "restarting $name (pid $pid) for the new configuration"
+            kill -TERM "$pid"
+            for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+            kill -0 "$pid" 2>/dev/null && die "$name (pid $pid) did not stop"
+        else
+            log "warning: $name (pid $pid) was not started by this script; running scontrol reconfigure"
+            scontrol reconfigure || true
+        fi
+    done
+fi
 
 if running /run/slurmctld.pid; then
     log "slurmctld already running (pid $(cat /run/slurmctld.pid))"
