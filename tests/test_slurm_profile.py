@@ -133,3 +133,37 @@ def test_default_profile_is_minimal_and_executor_neutral() -> None:
     assert default == {
         "cores": "all", "printshellcmds": True, "rerun-incomplete": True, "keep-incomplete": False,
     }  # fmt: skip
+
+
+def _workflow_rules() -> dict[str, str]:
+    """{rule name: its text} for every rule in workflow/rules/*.smk (also conditional ones)."""
+    import re
+
+    rules = {}
+    for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
+        text = smk.read_text()
+        starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\s*rule (\w+):", text, re.M)]
+        for (start, name), (end, _) in zip(starts, starts[1:] + [(len(text), None)], strict=False):
+            rules[name] = text[start:end]
+    return rules
+
+
+def test_set_resources_name_real_rules_and_gpus_go_to_model_rules() -> None:
+    rules = _workflow_rules()
+    assert {"prepare", "extract", "ag_partial", "ag_reduce", "report"} <= set(rules)
+    for path in (PROFILE, OVERLAY):
+        unknown = set(_load_profile(path)["set-resources"]) - set(rules)
+        assert not unknown, f"{path}/config.yaml set-resources names no rule: {sorted(unknown)}"
+    profile = _load_profile(PROFILE)
+    res = profile["set-resources"]
+    # the rules that run the model (their shell sets GRADSPACE_THREADS) ask for a GPU, no other does
+    model_rules = {n for n, text in rules.items() if "GRADSPACE_THREADS=" in text}
+    gpu_rules = {n for n, r in res.items() if r.get("gpu")}
+    assert gpu_rules == model_rules, (sorted(model_rules - gpu_rules), sorted(gpu_rules - model_rules))
+    # every rule has memory and time that grow with the attempt
+    for name in set(rules) - {"all"}:
+        assert name in res, f"profiles/slurm sets no resources for rule {name}"
+        for key in ("mem_mb", "runtime"):
+            assert "attempt" in str(res[name][key]), (name, key)
+    arrays = {r.strip() for r in profile["slurm-array-jobs"].split(",")}
+    assert arrays <= set(rules), arrays - set(rules)
