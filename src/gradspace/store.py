@@ -42,8 +42,8 @@ from .errors import StoreError
 FORMAT_KEY = "gradspace"
 FORMAT_VERSION = 1
 LAYOUT_KEY = "layout"
-VERIFY_HINT = ("run `gradspace verify-stores {root} --remove`, then snakemake again to rebuild "
-               "the removed stores")
+VERIFY_HINT = ("run `gradspace verify-stores {root} --remove`, then snakemake with the "
+               "`--forcerun <removed stores>` it prints to rebuild them")
 
 
 def checksum_compressors():

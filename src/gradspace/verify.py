@@ -9,7 +9,9 @@ The default check reads every byte (each file's CRC-32 against the store's compl
 record, and every chunk decoded with its CRC-32C); ``--quick`` only checks that every
 recorded file exists with its recorded size (what the workflow does at start-up and every
 job does when it opens a store). Snakemake rebuilds a removed store because its output is
-missing, and reruns the jobs downstream of it because their inputs become newer.
+missing and forced (``--forcerun <store>``, printed by ``--remove``; without it Snakemake
+leaves a missing intermediate output alone while its dependents are up to date), and
+reruns the jobs downstream of it.
 """
 
 from __future__ import annotations
@@ -52,8 +54,10 @@ def verify_command(root, full: bool = True, remove: bool = False, quarantine=Non
             shutil.move(str(store), str(dest))
             print(f"  moved to {dest}", file=out)
     if bad and (remove or quarantine):
-        print("rerun snakemake (same command as before) to rebuild them and what depends on them",
-              file=out)
+        # Snakemake does not rebuild a missing intermediate output whose dependents are up
+        # to date: force the removed stores (and so everything downstream of them).
+        print("rebuild them and what depends on them with your snakemake command plus:\n"
+              "  --forcerun " + " ".join(str(s) for s, _ in bad), file=out)
         return 0
     if bad:
         print(f"to rebuild them: gradspace verify-stores {root} --remove, then snakemake again",

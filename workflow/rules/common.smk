@@ -115,8 +115,9 @@ onstart:
             raise WorkflowError(
                 f"{len(_bad)} store(s) under {R} are broken (truncated, missing files or "
                 f"incomplete):\n{_msg}\nRemove them with `gradspace verify-stores {R} --remove` "
-                "(add --quick to skip the full checksum pass), then run snakemake again: it "
-                "rebuilds exactly the removed stores and reruns what depends on them.")
+                "(add --quick to skip the full checksum pass), then run snakemake again with the "
+                "`--forcerun <removed stores>` it prints: that rebuilds exactly them and reruns "
+                "what depends on them.")
         logger.info(f"gradspace: {len(find_stores(R))} stores under {R} checked (sizes) in "
                     f"{_time.perf_counter() - _t0:.1f}s")
 
