@@ -201,8 +201,34 @@ def pca_init_params():
     return {"k": SUB["k"], "oversample": SUB["oversample"], "seed": config["seed"]}
 
 
+# Parameter-block groups (subspace.block_jobs): one group (the default) runs every block
+# in one job; with more, the PCA products and the projections run one job per block group
+# (rules pca_gv_block, pca_partial_block, project_block, project_merge).
+BLOCK_JOBS = SUB["block_jobs"]
+BLOCK_GROUPS = [str(g) for g in (range(BLOCK_JOBS) if isinstance(BLOCK_JOBS, int) else BLOCK_JOBS)]
+SPLIT_BLOCKS = len(BLOCK_GROUPS) > 1
+
+
+def block_group_arg(group):
+    """--block-group of one job: the whole grouping (checked by the CLI) and its group."""
+    return jarg({"groups": BLOCK_JOBS, "group": group})
+
+
 def pca_partials(it):
-    return [f"{R}/subspace/pca/iter-{it:03d}/shard-{k}.zarr" for k in range(n_shards("id_train"))]
+    shards = range(n_shards("id_train"))
+    if SPLIT_BLOCKS:
+        return [f"{R}/subspace/pca/iter-{it:03d}/group-{g}/shard-{k}.zarr" for k in shards for g in BLOCK_GROUPS]
+    return [f"{R}/subspace/pca/iter-{it:03d}/shard-{k}.zarr" for k in shards]
+
+
+def pca_gv_parts(wc):
+    """The G_g·V_g parts of every block group for one (iteration, shard)."""
+    return [f"{R}/subspace/pca/iter-{wc.it}/gv/group-{g}/shard-{wc.shard}.zarr" for g in BLOCK_GROUPS]
+
+
+def reduced_parts(wc):
+    """The per-block-group projections of one (subspace, dataset, shard)."""
+    return [f"{R}/reduced/{wc.space}/{wc.dataset}/group-{g}/shard-{wc.shard}.zarr" for g in BLOCK_GROUPS]
 
 
 def reduced_args(space):

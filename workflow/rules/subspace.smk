@@ -149,6 +149,74 @@ rule pca_partial:
         "--out {output} > {log} 2>&1"
 
 
+if SPLIT_BLOCKS:
+
+    # subspace.block_jobs > 1: each pca_partial above becomes two jobs per (shard, block
+    # group). G·V = Σ_g G_g V_g, so pca_gv_block computes the part of its group with only
+    # that group's rows of V_t on the device; pca_partial_block sums the parts of all
+    # groups to G·V_t and computes G_bᵀ(G·V_t) for its group's blocks (no V needed). The
+    # mean correction G_b = (∇_b E − m_b) s_b is blockwise, so the split is exact; pca_reduce
+    # and pca_finalize sum the (shard, group) partials block by block.
+    rule pca_gv_block:
+        input:
+            model=MODEL,
+            data=f"{R}/data/id_train",
+            stats=STATS,
+            basis=f"{R}/subspace/pca/V-{{it}}.zarr",
+        output:
+            directory(f"{R}/subspace/pca/iter-{{it}}/gv/group-{{group}}/shard-{{shard}}.zarr"),
+        wildcard_constraints:
+            group="|".join(BLOCK_GROUPS),
+        params:
+            code=code_version("subspace"),
+            spec=jarg({**subspace_grad_params(), "method": config["subspace"]["method"]}),
+            group=lambda wc: block_group_arg(wc.group),
+        log:
+            f"{LOGS}/subspace/pca_gv_block/iter-{{it}}/group-{{group}}/shard-{{shard}}.log",
+        benchmark:
+            f"{BENCH}/pca_gv_block/iter-{{it}}/group-{{group}}/shard-{{shard}}.tsv"
+        threads: THREADS
+        resources:
+            mem_mb=lambda wc, attempt: 16000 * attempt,
+            runtime=lambda wc, attempt: 120 * attempt,
+        conda:
+            "../../envs/gradspace.yaml"
+        shell:
+            "GRADSPACE_THREADS={threads} gradspace pca-gv --model {input.model} --data-dir {input.data} "
+            "--stats {input.stats} --basis {input.basis} --shard {wildcards.shard} "
+            "--block-group {params.group} --params {params.spec} --out {output} > {log} 2>&1"
+
+    rule pca_partial_block:
+        input:
+            model=MODEL,
+            data=f"{R}/data/id_train",
+            stats=STATS,
+            basis=f"{R}/subspace/pca/V-{{it}}.zarr",
+            gv=pca_gv_parts,
+        output:
+            directory(f"{R}/subspace/pca/iter-{{it}}/group-{{group}}/shard-{{shard}}.zarr"),
+        wildcard_constraints:
+            group="|".join(BLOCK_GROUPS),
+        params:
+            code=code_version("subspace"),
+            spec=jarg({**subspace_grad_params(), "method": config["subspace"]["method"]}),
+            group=lambda wc: block_group_arg(wc.group),
+        log:
+            f"{LOGS}/subspace/pca_partial_block/iter-{{it}}/group-{{group}}/shard-{{shard}}.log",
+        benchmark:
+            f"{BENCH}/pca_partial_block/iter-{{it}}/group-{{group}}/shard-{{shard}}.tsv"
+        threads: THREADS
+        resources:
+            mem_mb=lambda wc, attempt: 16000 * attempt,
+            runtime=lambda wc, attempt: 120 * attempt,
+        conda:
+            "../../envs/gradspace.yaml"
+        shell:
+            "GRADSPACE_THREADS={threads} gradspace pca-partial --model {input.model} --data-dir {input.data} "
+            "--stats {input.stats} --basis {input.basis} --shard {wildcards.shard} --gv {input.gv} "
+            "--block-group {params.group} --params {params.spec} --out {output} > {log} 2>&1"
+
+
 rule pca_reduce:
     input:
         basis=lambda wc: f"{R}/subspace/pca/V-{int(wc.it) - 1:03d}.zarr",
@@ -199,32 +267,89 @@ rule pca_finalize:
         "--params {params.spec} --out {output} > {log} 2>&1"
 
 
-rule project:
-    input:
-        model=MODEL,
-        data=f"{R}/data/{{dataset}}",
-        stats=STATS,
-        subspace=f"{R}/subspace/{{space}}/subspace.zarr",
-    output:
-        directory(f"{R}/reduced/{{space}}/{{dataset}}/shard-{{shard}}.zarr"),
-    params:
-        code=code_version("project"),
-        spec=lambda wc: jarg({**subspace_grad_params(), "space": wc.space,
-                              "method": config["subspace"]["project"]["method"]}),
-    log:
-        f"{LOGS}/subspace/project/{{space}}/{{dataset}}/shard-{{shard}}.log",
-    benchmark:
-        f"{BENCH}/project/{{space}}/{{dataset}}/shard-{{shard}}.tsv"
-    threads: THREADS
-    resources:
-        mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 120 * attempt,
-    conda:
-        "../../envs/gradspace.yaml"
-    shell:
-        "GRADSPACE_THREADS={threads} gradspace project --model {input.model} --data-dir {input.data} "
-        "--stats {input.stats} --subspace {input.subspace} --shard {wildcards.shard} "
-        "--params {params.spec} --out {output} > {log} 2>&1"
+if not SPLIT_BLOCKS:
+
+    rule project:
+        input:
+            model=MODEL,
+            data=f"{R}/data/{{dataset}}",
+            stats=STATS,
+            subspace=f"{R}/subspace/{{space}}/subspace.zarr",
+        output:
+            directory(f"{R}/reduced/{{space}}/{{dataset}}/shard-{{shard}}.zarr"),
+        params:
+            code=code_version("project"),
+            spec=lambda wc: jarg({**subspace_grad_params(), "space": wc.space,
+                                  "method": config["subspace"]["project"]["method"]}),
+        log:
+            f"{LOGS}/subspace/project/{{space}}/{{dataset}}/shard-{{shard}}.log",
+        benchmark:
+            f"{BENCH}/project/{{space}}/{{dataset}}/shard-{{shard}}.tsv"
+        threads: THREADS
+        resources:
+            mem_mb=lambda wc, attempt: 16000 * attempt,
+            runtime=lambda wc, attempt: 120 * attempt,
+        conda:
+            "../../envs/gradspace.yaml"
+        shell:
+            "GRADSPACE_THREADS={threads} gradspace project --model {input.model} --data-dir {input.data} "
+            "--stats {input.stats} --subspace {input.subspace} --shard {wildcards.shard} "
+            "--params {params.spec} --out {output} > {log} 2>&1"
+
+else:
+
+    # subspace.block_jobs > 1: G·V = Σ_g G_g V_g, one job per block group (only that
+    # group's rows of V on the device), summed per shard by project_merge.
+    rule project_block:
+        input:
+            model=MODEL,
+            data=f"{R}/data/{{dataset}}",
+            stats=STATS,
+            subspace=f"{R}/subspace/{{space}}/subspace.zarr",
+        output:
+            directory(f"{R}/reduced/{{space}}/{{dataset}}/group-{{group}}/shard-{{shard}}.zarr"),
+        wildcard_constraints:
+            group="|".join(BLOCK_GROUPS),
+        params:
+            code=code_version("project"),
+            spec=lambda wc: jarg({**subspace_grad_params(), "space": wc.space,
+                                  "method": config["subspace"]["project"]["method"]}),
+            group=lambda wc: block_group_arg(wc.group),
+        log:
+            f"{LOGS}/subspace/project_block/{{space}}/{{dataset}}/group-{{group}}/shard-{{shard}}.log",
+        benchmark:
+            f"{BENCH}/project_block/{{space}}/{{dataset}}/group-{{group}}/shard-{{shard}}.tsv"
+        threads: THREADS
+        resources:
+            mem_mb=lambda wc, attempt: 16000 * attempt,
+            runtime=lambda wc, attempt: 120 * attempt,
+        conda:
+            "../../envs/gradspace.yaml"
+        shell:
+            "GRADSPACE_THREADS={threads} gradspace project --model {input.model} --data-dir {input.data} "
+            "--stats {input.stats} --subspace {input.subspace} --shard {wildcards.shard} "
+            "--block-group {params.group} --params {params.spec} --out {output} > {log} 2>&1"
+
+    rule project_merge:
+        input:
+            parts=reduced_parts,
+            subspace=f"{R}/subspace/{{space}}/subspace.zarr",
+        output:
+            directory(f"{R}/reduced/{{space}}/{{dataset}}/shard-{{shard}}.zarr"),
+        params:
+            code=code_version("project"),
+        log:
+            f"{LOGS}/subspace/project_merge/{{space}}/{{dataset}}/shard-{{shard}}.log",
+        benchmark:
+            f"{BENCH}/project_merge/{{space}}/{{dataset}}/shard-{{shard}}.tsv"
+        resources:
+            mem_mb=lambda wc, attempt: 4000 * attempt,
+            runtime=lambda wc, attempt: 15 * attempt,
+        conda:
+            "../../envs/gradspace.yaml"
+        shell:
+            "gradspace project-merge --parts {input.parts} --subspace {input.subspace} "
+            "--out {output} > {log} 2>&1"
 
 
 rule fit_grad_detector:
