@@ -284,6 +284,7 @@ def cmd_pca_finalize(a):
 
 def cmd_project(a):
     from ..data.loader import num_samples
+    from ..data.manifest import shard_layout
     from ..runtime import Timer, hardware_description, paused_iter
     from .power import load_basis_tensors, read_basis
     from .project import project_batches, write_reduced
@@ -306,7 +307,7 @@ def cmd_project(a):
                   {"space": o["space"] or sattrs.get("type"), "subspace_type": sattrs.get("type"), "k": K,
                    "blocks": blocks, "shard": a.shard, "method": o["method"],
                    "timing": {"n": n, "device": str(dev), "hardware": hardware_description(dev)}},
-                  timer)
+                  timer, layout=shard_layout(a.data_dir, a.shard))
     timer.totals["total"] = time.perf_counter() - t0
     _write_timing(a.timing, "project", timer, dev, n, {"method": o["method"], "k": K,
                                                        "num_params": layout.num_params})

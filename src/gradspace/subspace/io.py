@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from ..errors import StoreError
-from ..store import FORMAT_KEY, FORMAT_VERSION, _tmp_sibling, open_store
+from ..store import FORMAT_KEY, FORMAT_VERSION, _tmp_sibling, checksum_compressors, file_record, open_store
 from .layout import ParamLayout
 
 
@@ -35,7 +35,7 @@ def atomic_group(path, attrs: dict | None = None):
         meta.update(dict(group.attrs))
         arrays = {k: list(group[k].shape) for k in group.array_keys()}
         meta[FORMAT_KEY] = {"complete": True, "version": FORMAT_VERSION, "n": meta.get("n", 0),
-                            "arrays": arrays}
+                            "arrays": arrays, "files": file_record(tmp)}
         group.attrs.update(meta)
         if path.exists():
             shutil.rmtree(path)
@@ -54,7 +54,8 @@ def put_array(group, name: str, values: np.ndarray, chunk_bytes: int = 1 << 25) 
         chunks = (rows,) + values.shape[1:]
     else:
         chunks = ()
-    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, fill_value=0)
+    arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, fill_value=0,
+                              compressors=checksum_compressors())
     if values.size:
         arr[...] = values
 

@@ -50,9 +50,11 @@ def project_batches(op, batches, V: dict, timer, device=None):
         yield (np.asarray(rows), np.asarray(torch.as_tensor(y).cpu()), red, gn)
 
 
-def write_reduced(path, n_rows: int, K: int, batches_out, attrs: dict, timer=None) -> None:
-    """Write a reduced-gradient shard store; ``timer`` totals go to attrs["timing"]["seconds"]."""
-    with ShardWriter(path, n_rows=n_rows, attrs={"kind": REDUCED_KIND, **attrs}) as w:
+def write_reduced(path, n_rows: int, K: int, batches_out, attrs: dict, timer=None,
+                  layout: dict | None = None) -> None:
+    """Write a reduced-gradient shard store; ``timer`` totals go to attrs["timing"]["seconds"];
+    ``layout`` is the shard's layout record (``data.manifest.shard_layout``)."""
+    with ShardWriter(path, n_rows=n_rows, attrs={"kind": REDUCED_KIND, **attrs}, layout=layout) as w:
         w.create("reduced", (n_rows, K), "float32")
         w.create("labels", (n_rows,), "int64")
         w.create("index", (n_rows,), "int64")
