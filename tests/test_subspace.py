@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from gradspace.errors import NumericalError, StoreError
+from gradspace.errors import ConfigError, NumericalError, StoreError
 from gradspace.runtime import Timer
 from gradspace.subspace import ag, power, project, stats
 from gradspace.subspace.diagnostics import reconstruction_errors
@@ -212,6 +212,33 @@ def test_operators_match_explicit_products_and_blocks_sum():
             only = op.gtu(x, U, [b])
             assert list(only) == [b]
             np.testing.assert_allclose(only[b].numpy(), gtu[b].numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_block_restricted_persample_differentiates_only_its_blocks():
+    """A block-group job's persample operator computes only its blocks' gradients, and its
+    products equal the explicit ones on those blocks (non-adjacent blocks too)."""
+    model = make_model()
+    x, _ = make_data(40)
+    layout = layout_of(model, "top")
+    st, _ = stats_of(model, x, layout)
+    G = explicit_G(model, x, st)
+    V = random_V(layout, 4)
+    U = torch.randn(40, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float32)
+    for group in ([layout.block_names[0], layout.block_names[2]], [layout.block_names[1]]):
+        op = PerSampleOperator(model, layout, st, blocks=group)
+        assert op.engine.num_params == sum(layout.block_size(b) for b in group) < layout.num_params
+        gv = op.gv(x, {b: V[b] for b in group}).double().numpy()
+        ref = sum(G[:, a:z] @ V[b].double().numpy() for b in group for (a, z) in layout.block_ranges(b))
+        np.testing.assert_allclose(gv, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+        gtu = op.gtu(x, U, group)
+        for b in group:
+            (a, z), = layout.block_ranges(b)
+            want = G[:, a:z].T @ U.double().numpy()
+            np.testing.assert_allclose(gtu[b].double().numpy(), want, rtol=1e-4,
+                                       atol=1e-4 * np.abs(want).max())
+        other = next(b for b in layout.block_names if b not in group)
+        with pytest.raises(ConfigError, match="unknown parameter block"):
+            op.gtu(x, U, [other])
 
 
 # -- PCA ------------------------------------------------------------------------------------

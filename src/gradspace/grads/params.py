@@ -8,7 +8,9 @@ A selection names the parameters whose gradient the engine returns, in the model
 - ``"all"``         every parameter of the network ("Deep" in Igoe et al. 2022);
 - a list of stage names (``model.stage_names``, e.g. ``["layer4"]``) or module names, or
   ``{"blocks": [...]}``: every parameter of those stages/modules ("block n" in GradNorm's
-  Table 2). Stages resolve through ``model.stage_parameters`` when the model has it.
+  Table 2). Stages resolve through ``model.stage_parameters`` when the model has it;
+- ``{"names": [...]}``: exactly these qualified parameter names (the subspace stage's
+  block-group jobs, which differentiate only their own parameters).
 """
 
 from __future__ import annotations
@@ -72,9 +74,18 @@ def select_params(model: nn.Module, spec) -> dict[str, nn.Parameter]:
             if not sel:  # head parameters not reachable by name (should not happen)
                 raise ConfigError(f"parameter selection '{spec}': head '{head_name}' not found")
         return sel
+    if isinstance(spec, Mapping) and set(spec) == {"names"}:
+        wanted = list(spec["names"])
+        have = dict(named)
+        unknown = [n for n in wanted if n not in have]
+        if unknown or not wanted:
+            raise ConfigError(f"parameter selection by name: {unknown or 'no names'} not among "
+                              f"the parameters of {type(model).__name__}")
+        return {n: p for n, p in named if n in set(wanted)}
     if isinstance(spec, Mapping):
         if set(spec) != {"blocks"}:
-            raise ConfigError(f"parameter selection {dict(spec)!r}: expected {{'blocks': [names]}}")
+            raise ConfigError(f"parameter selection {dict(spec)!r}: expected {{'blocks': [names]}} "
+                              "or {'names': [parameter names]}")
         spec = spec["blocks"]
     if isinstance(spec, str):
         spec = [spec]

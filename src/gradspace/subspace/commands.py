@@ -90,14 +90,16 @@ def _load_stats(path):
     return read_stats(path)
 
 
-def _operator(method, model, stats, o, device):
+def _operator(method, model, stats, o, device, blocks=None):
+    """The product operator; ``blocks``: the only blocks this job multiplies with (a
+    block-group job), so ``persample`` differentiates just their parameters."""
     from .operators import make_operator
 
     _layout_check(model, stats, "model vs. statistics")
     return make_operator(method, model, stats.layout, stats, stats.temperature, device,
                          params=stats.selection, chunk_size=int(o["chunk_size"]),
                          direction_chunk=int(o["direction_chunk"]), strategy=o["strategy"],
-                         precision=o["precision"])
+                         precision=o["precision"], blocks=blocks)
 
 
 # -- gradstats ------------------------------------------------------------------------------
@@ -218,7 +220,9 @@ def cmd_pca_partial(a):
     layout.same_as(stats.layout, f"{a.basis} vs. {a.stats}")
     it = int(battrs["iteration"])
     blocks = _job_blocks(layout, a)
-    op = _operator(o["method"], model, stats, o, dev)
+    # phase 2 of a block-group job needs only its own blocks' gradients; a one-phase job
+    # needs every block for G·V
+    op = _operator(o["method"], model, stats, o, dev, blocks if a.gv else None)
     timer = Timer()
     with timer("total", dev):
         batches = paused_iter("pca-partial", _batches(a.data_dir, a.shard, o, dev)())
@@ -245,7 +249,7 @@ def cmd_pca_gv(a):
     layout.same_as(stats.layout, f"{a.basis} vs. {a.stats}")
     it = int(battrs["iteration"])
     blocks = _job_blocks(layout, a)
-    op = _operator(o["method"], model, stats, o, dev)
+    op = _operator(o["method"], model, stats, o, dev, blocks)
     V = load_basis_tensors(group, layout, dev, a.basis, blocks)
     timer = Timer()
     with timer("total", dev):
@@ -295,8 +299,8 @@ def cmd_project(a):
     stats = _load_stats(a.stats)
     group, sattrs, layout = read_basis(a.subspace, "subspace")
     layout.same_as(stats.layout, f"{a.subspace} vs. {a.stats}")
-    op = _operator(o["method"], model, stats, o, dev)
     blocks = _job_blocks(layout, a)
+    op = _operator(o["method"], model, stats, o, dev, blocks)
     V = load_basis_tensors(group, layout, dev, a.subspace, blocks)
     K = next(iter(V.values())).shape[1]
     n = num_samples(a.data_dir, a.shard)

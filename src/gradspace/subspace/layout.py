@@ -144,6 +144,21 @@ class ParamLayout:
         cuts = _min_max_partition([self.block_size(b) for b in names], n)
         return {str(j): names[a:z] for j, (a, z) in enumerate(zip(cuts[:-1], cuts[1:], strict=True))}
 
+    def subset(self, blocks) -> ParamLayout:
+        """The layout of only ``blocks``' parameters (engine order kept), e.g. the flat
+        gradient of a block-group job that differentiates just its own parameters."""
+        blocks = self.check_blocks(blocks)
+        idx = sorted(i for b in blocks for i in self.block_params(b))
+        pos = {i: j for j, i in enumerate(idx)}
+        return ParamLayout([self.names[i] for i in idx], [self.shapes[i] for i in idx],
+                           [(b, [pos[i] for i in self.block_params(b)]) for b in blocks])
+
+    def gather(self, flat, sub: ParamLayout):
+        """Entries of a flat P-vector (numpy) belonging to the parameters of ``sub``."""
+        where = {n: i for i, n in enumerate(self.names)}
+        return np.concatenate([flat[..., self.offsets[where[n]]:self.offsets[where[n]] + self.sizes[where[n]]]
+                               for n in sub.names], axis=-1)
+
     # -- flat vectors -----------------------------------------------------------------
     def take(self, flat, block: str):
         """Rows (or last-axis entries) of a flat P-vector / N×P matrix belonging to ``block``."""

@@ -23,6 +23,7 @@ normalized, then two matrix products G·V and Gᵀ·U.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.func import functional_call, jvp, vjp, vmap
 
@@ -157,15 +158,35 @@ class PerSampleOperator(_Base):
     method = "persample"
 
     def __init__(self, model, layout, stats, temperature=1.0, device=None, engine=None,
-                 params="all", chunk_size: int = 64, strategy: str = "auto", precision: str = "fp32"):
+                 params="all", chunk_size: int = 64, strategy: str = "auto", precision: str = "fp32",
+                 blocks=None):
         super().__init__(model, layout, stats, temperature, device)
-        self.engine = engine if engine is not None else make_engine(model, params, temperature,
-                                                                    chunk_size, strategy, precision)
-        names = list(getattr(self.engine, "param_names", layout.names))
-        if names != layout.names:
+        # ``local``: the parameters this operator differentiates. A job restricted to some
+        # blocks (one group of subspace.block_jobs) computes only their gradients.
+        blocks = layout.check_blocks(blocks)
+        self.local = layout if set(blocks) == set(layout.block_names) else layout.subset(blocks)
+        if engine is None:
+            sel = params if self.local is layout else {"names": self.local.names}
+            engine = make_engine(model, sel, temperature, chunk_size, strategy, precision)
+        self.engine = engine
+        names = list(getattr(self.engine, "param_names", self.local.names))
+        if names != self.local.names:
             raise ConfigError("gradient engine parameter order differs from the subspace layout "
-                              f"(engine {names[:3]}..., layout {layout.names[:3]}...)")
+                              f"(engine {names[:3]}..., layout {self.local.names[:3]}...)")
         self._cache = None
+        self._full_ms = None
+
+    def _local_norm(self):
+        """(m, s) over the operator's own parameters, in its flat gradient order."""
+        if self._full_ms is None:
+            if self.local is self.layout:
+                self._full_ms = self.stats.full(device=self.device)
+            else:
+                self._full_ms = tuple(
+                    torch.as_tensor(np.ascontiguousarray(self.layout.gather(v, self.local)),
+                                    dtype=torch.float32, device=self.device)
+                    for v in (self.stats.mean, self.stats.scale))
+        return self._full_ms
 
     def gradients(self, x, timer=None) -> torch.Tensor:
         """Normalized gradients G (N×P) for a batch; the last batch is cached for gv→gtu."""
@@ -178,7 +199,7 @@ class PerSampleOperator(_Base):
             g = self.engine.batch(x)
         g = g.to(self.device, torch.float32)
         if self.stats is not None:
-            m, s = self.stats.full(device=self.device)
+            m, s = self._local_norm()
             g = g.sub_(m).mul_(s) if g.is_contiguous() else (g - m) * s  # in place: g is ours
         self._cache = (x, g)
         return g
@@ -187,22 +208,24 @@ class PerSampleOperator(_Base):
         G = self.gradients(x)
         out = None
         for b, Vb in V.items():
-            part = self.layout.take(G, b) @ Vb.to(self.device, torch.float32)
+            part = self.local.take(G, b) @ Vb.to(self.device, torch.float32)
             out = part if out is None else out + part
         return out
 
     def gtu(self, x, U: torch.Tensor, blocks=None) -> dict:
         G = self.gradients(x)
         U = U.to(self.device, torch.float32)
-        return {b: self.layout.take(G, b).T @ U for b in self.layout.check_blocks(blocks)}
+        return {b: self.local.take(G, b).T @ U for b in self.local.check_blocks(blocks)}
 
 
 def make_operator(method: str, model, layout, stats, temperature=1.0, device=None, engine=None,
                   params="all", chunk_size: int = 64, direction_chunk: int = 64, strategy: str = "auto",
-                  precision: str = "fp32"):
+                  precision: str = "fp32", blocks=None):
+    """``blocks``: the only blocks the caller multiplies with (``persample`` then computes
+    just their gradients; ``jvp_vjp`` differentiates only the blocks of each product anyway)."""
     if method == "jvp_vjp":
         return JvpVjpOperator(model, layout, stats, temperature, device, direction_chunk)
     if method == "persample":
         return PerSampleOperator(model, layout, stats, temperature, device, engine, params, chunk_size,
-                                 strategy, precision)
+                                 strategy, precision, blocks)
     raise ConfigError(f"subspace.method must be one of {METHODS}, got {method!r}")

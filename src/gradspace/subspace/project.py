@@ -39,7 +39,7 @@ def project_batches(op, batches, V: dict, timer, device=None):
                 red, gn = 0.0, 0.0
                 for b, Vb in V.items():
                     m, s = op.norm(b)
-                    Gb = (op.layout.take(g, b) - m) * s
+                    Gb = (op.local.take(g, b) - m) * s
                     red = red + Gb @ Vb
                     gn = gn + (Gb.double() ** 2).sum(1)
                 red, gn = red.cpu().numpy(), gn.cpu().numpy()
