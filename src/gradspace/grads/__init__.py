@@ -1,5 +1,5 @@
-"""Per-sample gradient engine (closed form, vmap, layer hooks, loop) and parameter
-selections; see ``engine.GradientEngine``.
+"""Per-sample gradient engine (closed form, vmap, layer hooks, loop), per-sample norm
+reductions and parameter selections; see ``engine.GradientEngine``.
 
 Names are resolved lazily so that numpy-only users of ``gradspace.grads.lastlayer``
 (the closed-form detectors) do not import torch.
@@ -9,6 +9,8 @@ import importlib
 
 _EXPORTS = {
     "GradientEngine": ".engine",
+    "GradReductions": ".reduce",
+    "NormReducer": ".reduce",
     "STRATEGIES": ".engine",
     "LOSSES": ".losses",
     "find_head": ".params",

@@ -4,8 +4,23 @@
 batch x, the N×P matrix whose row n is ∇_θ ℓ(f(x_n; θ)) flattened over the selected
 parameters θ (``select_params`` order, each parameter row-major). BatchNorm runs in eval
 mode (running statistics), so samples do not interact and every row is the gradient of
-that sample alone. Work proceeds in chunks of ``chunk_size`` samples, so memory is bounded
-by the chunk, never by the data set; ``iter_chunks`` streams (rows, gradients) pairs.
+that sample alone. Work proceeds in chunks of at most ``chunk_size`` samples and at most
+``max_chunk_bytes`` of gradient workspace (``chunk_len``), so memory is bounded by the
+chunk, never by the data set.
+
+Two ways to consume the gradients:
+
+- materializing — ``batch(x)`` (one N×P tensor, written chunk by chunk in place; ``out=``
+  reuses a caller's buffer) and ``iter_chunks(batches)`` (streamed (rows, n×P) chunks;
+  ``reuse_buffer=True`` writes every chunk into one engine-owned buffer). For consumers
+  of the full vectors: the subspace stages.
+- reducing — ``reduce(x, reducer)`` and ``iter_reduced(batches, reducer)`` with a
+  ``reduce.NormReducer`` (powers p, incl. 0 and inf, optional constant shifts): per
+  sample and parameter tensor Σ|g|^p (counts, maxima), from which ``GradReductions``
+  gives L_p norms of the whole selection, of blocks or of single parameters. Each
+  parameter tensor's per-sample gradient is reduced as soon as it exists and dropped, so
+  the N×P matrix is never formed (loop: one sample's gradient at a time; hooks: one
+  layer's n×numel, in a reused workspace). For consumers of norms only: ``grad-scores``.
 
 Strategies (interchangeable; all exact up to floating-point rounding):
 
@@ -13,27 +28,30 @@ Strategies (interchangeable; all exact up to floating-point rounding):
   ∂ℓ/∂W = δ hᵀ and ∂ℓ/∂b = δ with δ = ∂ℓ/∂f (``losses.logit_grad``); one batched forward
   of the features, no autograd (GradNorm eq. 8–9; Igoe et al. appendix B).
 - ``vmap``   — ``torch.func.vmap(grad(ℓ ∘ functional_call))`` over the chunk.
-- ``hooks``  — one batched forward/backward and per-layer outer products (``hooks.py``).
+- ``hooks``  — one batched forward/backward and per-layer outer products (``hooks.py``),
+  weight gradients written into a workspace reused across layers and chunks.
 - ``loop``   — one forward/backward per sample: the reference implementations' way.
 
-``auto`` chooses per device and selection:
+``auto`` chooses per device and selection (``strategy_used``, logged at construction):
 
 1. closed_form when only head parameters are selected and the model exposes
    ``forward_features`` and ``head`` (the gradspace model API);
 2. on CUDA, vmap;
-3. on CPU, for selections of at most ``CPU_BATCHED_MAX_PARAMS`` parameters: hooks when
-   every selected layer has a per-sample rule (Linear, Conv2d, BatchNorm), else vmap;
-   for larger selections: loop.
-   Measured with benchmarks/bench_grads.py on 2 shared CPU cores (load 4–6), torch 2.14,
-   all-parameter energy gradients, demo CNN (94k parameters): hooks 41–100 samples/s,
-   vmap 34–47/s, naive batch-size-1 loop 11–14/s (two runs) — batching wins 3–7× on small
-   networks (the issue's idle-machine run: vmap 2.1k/s vs naive 1.3k/s). CIFAR ResNet-18
-   (11.2M): the issue measured naive loop 21/s, hooks 8/s, vmap 5/s on an idle machine;
-   our loaded runs put all strategies within noise of the naive loop. vmap's batched
-   convolution-weight gradients become grouped convolutions, and hooks materialize
-   unfold(a) (N×Cin·k²×L) per layer — both costly once layers are wide and maps large —
-   so past a few million parameters the per-sample loop, which calls the ordinary
-   well-tuned kernels, is the safe choice.
+3. on CPU: hooks when every selected layer has a per-sample rule (Linear, Conv2d,
+   BatchNorm), whatever the size; otherwise vmap up to ``CPU_BATCHED_MAX_PARAMS``
+   parameters and the loop beyond.
+   Measured with benchmarks/bench_grads.py --quick (2 CPU cores, 2 threads, torch 2.14;
+   best of 3 interleaved rounds; see benchmarks/README.md for the tables and loads):
+   all-parameter energy gradients reduced to L1 norms, CIFAR ResNet-18 (11.2M
+   parameters): naive batch-size-1 loop 23.4 samples/s, hooks 33.4/s reducing (1.43×)
+   and 29.3/s materializing into a reused buffer (1.25×), loop 26.7/s (1.14×), vmap
+   15.0/s (0.64×); demo CNN (103k): naive 473/s, hooks 1329/s (2.8×), vmap 1484/s (3.1×).
+   The hooks strategy used to lose on ResNet-18 (0.77×) only through memory traffic —
+   every layer's n×numel result, |g| temporaries and the flattened chunk were fresh
+   allocations above the C allocator's mmap threshold, page-faulting 45 MB per sample —
+   not through arithmetic: its per-sample weight-gradient GEMMs do the same work as the
+   loop's batch-1 backward, and its batched forward/backward is cheaper. vmap turns
+   convolution-weight gradients into grouped convolutions, slow on CPU for wide layers.
 """
 
 from __future__ import annotations
@@ -49,12 +67,14 @@ from ..errors import ConfigError, NumericalError
 from . import losses
 from .hooks import HookUnsupported, hook_gradients, plan_hooks
 from .params import find_head, is_head_only, select_params
+from .reduce import INF, GradReductions, NormReducer, power_sums
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "closed_form", "vmap", "hooks", "loop")
 PRECISIONS = ("fp32", "bf16", "tf32")
 CPU_BATCHED_MAX_PARAMS = 2_000_000
+MAX_CHUNK_BYTES = 1 << 30  # default gradient workspace per step: 1 GiB
 
 
 class GradientEngine:
@@ -70,11 +90,14 @@ class GradientEngine:
     chunk_size: samples per vectorized step (bounds memory: chunk_size × P floats).
     precision: "fp32" (default) | "bf16" (autocast) | "tf32" (TF32 matmuls); the latter
         two on CUDA only.
+    max_chunk_bytes: byte budget of one step's gradient workspace; a step takes fewer
+        than ``chunk_size`` samples when chunk_size × P floats would exceed it
+        (``chunk_len``). Default 1 GiB (ResNet-18, 45 MB per sample: 23 samples).
     """
 
     def __init__(self, model: nn.Module, params="all", loss: str = "energy",
                  temperature: float = 1.0, strategy: str = "auto", chunk_size: int = 64,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", max_chunk_bytes: int | None = None):
         if strategy not in STRATEGIES:
             raise ConfigError(f"unknown gradient strategy '{strategy}'; known: {', '.join(STRATEGIES)}")
         if precision not in PRECISIONS:
@@ -83,6 +106,10 @@ class GradientEngine:
             raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
         if float(temperature) <= 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}")
+        max_chunk_bytes = MAX_CHUNK_BYTES if max_chunk_bytes is None else int(max_chunk_bytes)
+        if max_chunk_bytes < 1:
+            raise ConfigError(f"max_chunk_bytes must be >= 1, got {max_chunk_bytes}")
+        self.max_chunk_bytes = max_chunk_bytes
         self.model = model.eval()
         self.loss = losses.check_loss(loss)
         self.temperature = float(temperature)
@@ -92,13 +119,23 @@ class GradientEngine:
         self.param_names = list(self.selected)
         self.param_shapes = [tuple(p.shape) for p in self.selected.values()]
         self.num_params = sum(p.numel() for p in self.selected.values())
+        self.max_tensor_numel = max(p.numel() for p in self.selected.values())
+        self._index = {name: j for j, name in enumerate(self.param_names)}
+        self._offsets, off = [], 0
+        for p in self.selected.values():
+            self._offsets.append((off, p.numel()))
+            off += p.numel()
         first = next(iter(self.selected.values()))
         self.device = first.device
+        # gradients are returned in the parameters' precision (fp32 under bf16 autocast)
+        self.grad_dtype = first.dtype if first.dtype in (torch.float32, torch.float64) else torch.float32
         if precision != "fp32" and self.device.type != "cuda":
             raise ConfigError(f"precision '{precision}' needs a CUDA device (model is on {self.device})")
         self.strategy_requested = strategy
         self.strategy_used = self._choose(strategy)
         self._hook_plan = plan_hooks(model, self.selected) if self.strategy_used == "hooks" else None
+        self._ws = None  # hooks' reusable per-sample weight-gradient workspace
+        self._buf = None  # iter_chunks(reuse_buffer=True)'s chunk buffer
         log.info("gradient engine: %d parameters (%s), loss %s, strategy %s on %s",
                  self.num_params, params, self.loss, self.strategy_used, self.device)
 
@@ -124,42 +161,128 @@ class GradientEngine:
             return "closed_form"
         if self.device.type == "cuda":
             return "vmap"
-        if self.num_params > CPU_BATCHED_MAX_PARAMS:
-            return "loop"
         try:
             plan_hooks(self.model, self.selected)
             return "hooks"
         except HookUnsupported:
-            return "vmap"
+            return "vmap" if self.num_params <= CPU_BATCHED_MAX_PARAMS else "loop"
 
     # -- public API ------------------------------------------------------------------
-    def batch(self, x: torch.Tensor, target: torch.Tensor | None = None,
-              return_logits: bool = False):
-        """Per-sample gradients N×P (and the logits N×C when ``return_logits``)."""
-        if target is None and self.loss in losses.NEEDS_TARGET:
-            raise ConfigError(f"gradient loss '{self.loss}' needs per-sample target labels")
-        grads, logits = [], []
-        for start in range(0, x.shape[0], self.chunk_size):
-            stop = start + self.chunk_size
-            t = None if target is None else target[start:stop]
-            g, lg = self._chunk(x[start:stop], t)
-            self._check_finite(g, start)
-            grads.append(g)
-            logits.append(lg)
-        if len(grads) == 1:  # one chunk: no copy
-            g, lg = grads[0], logits[0]
-        else:
-            g = torch.cat(grads) if grads else torch.zeros(0, self.num_params, device=self.device)
-            lg = torch.cat(logits) if logits else None
-        if return_logits:
-            return g, lg
-        return g
+    def chunk_len(self, reducing: bool = False) -> int:
+        """Samples per step: ``chunk_size``, lowered so that the step's gradient workspace
+        stays within ``max_chunk_bytes`` (never below one sample). The workspace is n×P
+        floats when materializing, and when reducing: one parameter tensor's n×numel for
+        hooks, n×P for vmap / closed form, nothing for the loop (one sample at a time)."""
+        if reducing and self.strategy_used == "loop":
+            return self.chunk_size
+        per = self.max_tensor_numel if (reducing and self.strategy_used == "hooks") else self.num_params
+        per_bytes = max(1, per * self.grad_dtype.itemsize)
+        return max(1, min(self.chunk_size, self.max_chunk_bytes // per_bytes))
 
-    def iter_chunks(self, batches: Iterable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Stream ``(rows, gradients)`` chunks of at most ``chunk_size`` samples.
+    def batch(self, x: torch.Tensor, target: torch.Tensor | None = None,
+              return_logits: bool = False, out: torch.Tensor | None = None):
+        """Per-sample gradients N×P (and the logits N×C when ``return_logits``).
+
+        The result is written chunk by chunk into one N×P tensor (no per-chunk buffers,
+        no concatenation): a new one that the caller owns, or ``out`` (a contiguous
+        tensor of at least N rows, P columns and the engine's ``grad_dtype``; its first
+        N rows are returned), which callers can reuse from batch to batch."""
+        self._check_target(target)
+        n = x.shape[0]
+        if out is None:
+            out = self._empty(n, self.num_params)
+        else:
+            if (out.dim() != 2 or out.shape[0] < n or out.shape[1] != self.num_params
+                    or out.dtype != self.grad_dtype or not out.is_contiguous()):
+                raise ConfigError(f"batch(out=...): need a contiguous {self.grad_dtype} tensor of "
+                                  f"at least {n}×{self.num_params}, got {tuple(out.shape)} {out.dtype}")
+            out = out[:n]
+        logits = []
+        step = self.chunk_len()
+        for start in range(0, n, step):
+            stop = min(start + step, n)
+            t = None if target is None else target[start:stop]
+            view = out[start:stop]
+            logits.append(self._chunk(x[start:stop], t, _FlatSink(view, self._offsets)))
+            self._check_finite(view, start)
+        if return_logits:
+            lg = torch.cat(logits) if logits else torch.zeros(0, 0, device=self.device)
+            return out, lg
+        return out
+
+    def iter_chunks(self, batches: Iterable, reuse_buffer: bool = False
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Stream ``(rows, gradients)`` chunks of at most ``chunk_len()`` samples.
 
         ``batches`` yields tensors x, or tuples ``(x, y, rows)`` (``data.loader.iter_batches``)
-        / ``(x, rows)``; bare tensors get consecutive row numbers."""
+        / ``(x, rows)``; bare tensors get consecutive row numbers. With ``reuse_buffer``
+        every chunk is written into one buffer that the engine keeps (no allocation and
+        no fresh pages per chunk: the large-block allocations of a per-chunk buffer are
+        returned to the OS and page-fault again each time): a yielded gradient tensor is
+        then valid only until this engine produces the next chunk."""
+        step = self.chunk_len()
+        for x, rows in self._split(batches):
+            for start in range(0, x.shape[0], step):
+                stop = min(start + step, x.shape[0])
+                if reuse_buffer:
+                    if self._buf is None or self._buf.shape[0] < step:
+                        self._buf = None
+                        self._buf = self._empty(step, self.num_params)
+                    g = self._buf[:stop - start]
+                else:
+                    g = self._empty(stop - start, self.num_params)
+                self._chunk(x[start:stop], None, _FlatSink(g, self._offsets))
+                self._check_finite(g, start, rows[start:stop])
+                yield rows[start:stop], g
+
+    def reduce(self, x: torch.Tensor, reducer: NormReducer, target: torch.Tensor | None = None,
+               return_logits: bool = False):
+        """Per-sample reductions (``reduce.NormReducer``: Σ|g|^p per parameter tensor,
+        non-zero counts, maxima, of g or g + shift) of the gradients of a batch, without
+        forming the N×P matrix: the loop and hooks strategies reduce each parameter
+        tensor's gradient as it is produced; vmap and closed form reduce their chunk.
+        Returns a ``GradReductions`` (and the logits when ``return_logits``)."""
+        self._check_target(target)
+        views = self._shift_views(reducer)
+        parts, logits = [], []
+        n = x.shape[0]
+        step = self.chunk_len(reducing=True)
+        for start in range(0, max(n, 1), step):
+            stop = min(start + step, n)
+            t = None if target is None else target[start:stop]
+            sink = _ReduceSink(reducer, stop - start, self, views)
+            if stop > start:
+                logits.append(self._chunk(x[start:stop], t, sink))
+            parts.append(sink.result(start))
+        red = GradReductions.cat(parts)
+        if return_logits:
+            return red, (torch.cat(logits) if logits else torch.zeros(0, 0, device=self.device))
+        return red
+
+    def iter_reduced(self, batches: Iterable, reducer: NormReducer
+                     ) -> Iterator[tuple[torch.Tensor, GradReductions]]:
+        """Stream ``(rows, GradReductions)`` chunks; ``batches`` as for ``iter_chunks``."""
+        views = self._shift_views(reducer)
+        step = self.chunk_len(reducing=True)
+        for x, rows in self._split(batches):
+            for start in range(0, x.shape[0], step):
+                stop = min(start + step, x.shape[0])
+                sink = _ReduceSink(reducer, stop - start, self, views)
+                self._chunk(x[start:stop], None, sink)
+                yield rows[start:stop], sink.result(start, rows[start:stop])
+
+    # -- internals -------------------------------------------------------------------
+    def _empty(self, *shape) -> torch.Tensor:
+        # (Tried: madvise(MADV_HUGEPAGE) on large fresh buffers. Filling a lone 360 MB
+        # buffer got 3x faster, but batch() on ResNet-18 got 1.5-2x slower, so 4 KiB pages.)
+        return torch.empty(*shape, device=self.device, dtype=self.grad_dtype)
+
+    def _check_target(self, target) -> None:
+        if target is None and self.loss in losses.NEEDS_TARGET:
+            raise ConfigError(f"gradient loss '{self.loss}' needs per-sample target labels")
+
+    @staticmethod
+    def _split(batches: Iterable):
         offset = 0
         for b in batches:
             if isinstance(b, tuple | list):
@@ -170,13 +293,18 @@ class GradientEngine:
             if rows is None:
                 rows = torch.arange(offset, offset + x.shape[0])
             offset += x.shape[0]
-            for start in range(0, x.shape[0], self.chunk_size):
-                stop = start + self.chunk_size
-                g, _ = self._chunk(x[start:stop], None)
-                self._check_finite(g, start, rows[start:stop])
-                yield rows[start:stop], g
+            yield x, rows
 
-    # -- internals -------------------------------------------------------------------
+    def _shift_views(self, reducer: NormReducer) -> dict[str, list[torch.Tensor]]:
+        views = {}
+        for key, c in reducer.shifts.items():
+            c = torch.as_tensor(c).to(self.device, self.grad_dtype).reshape(-1)
+            if c.numel() != self.num_params:
+                raise ConfigError(f"reduction shift '{key}' has {c.numel()} entries, the selection "
+                                  f"has {self.num_params} parameters")
+            views[key] = [c[o:o + k].reshape(1, -1) for o, k in self._offsets]
+        return views
+
     def _check_finite(self, g: torch.Tensor, start: int, rows=None) -> None:
         # One reduction finds any NaN/inf (they propagate into the sum); only then is the
         # element-wise check run, to name the sample and parameter (a sum that overflows
@@ -227,30 +355,28 @@ class GradientEngine:
     def _loss(self, logits, target):
         return losses.loss_value(self.loss, _full(logits), self.temperature, target)
 
-    def _flatten(self, per_param: dict[str, torch.Tensor], n: int) -> torch.Tensor:
-        return torch.cat([_full(per_param[k]).reshape(n, -1) for k in self.param_names], dim=1)
-
-    def _chunk(self, x: torch.Tensor, target):
+    def _chunk(self, x: torch.Tensor, target, sink):
+        """Hand every selected parameter's per-sample gradients of the chunk to ``sink``;
+        return the chunk's logits."""
         x = x.to(self.device, non_blocking=True)
         if target is not None:
             target = target.to(self.device)
         with self._precision():
             fn = getattr(self, f"_chunk_{self.strategy_used}")
-            return fn(x, target)
+            return fn(x, target, sink)
 
-    def _chunk_closed_form(self, x, target):
+    def _chunk_closed_form(self, x, target, sink):
         _, head = find_head(self.model)
         with torch.no_grad():
             h = _full(self.model.forward_features(x).flatten(1))
             logits = torch.nn.functional.linear(h, head.weight.to(h.dtype),
                                                 None if head.bias is None else head.bias.to(h.dtype))
             delta = losses.logit_grad(self.loss, logits, self.temperature, target)  # N×C
-        per = {}
-        for name, p in self.selected.items():
-            per[name] = delta[:, :, None] * h[:, None, :] if p is head.weight else delta
-        return self._flatten(per, x.shape[0]), logits
+            for j, p in enumerate(self.selected.values()):
+                sink.add(j, delta[:, :, None] * h[:, None, :] if p is head.weight else delta)
+        return logits
 
-    def _chunk_vmap(self, x, target):
+    def _chunk_vmap(self, x, target, sink):
         from torch.func import functional_call, grad, vmap
 
         model = self.model
@@ -266,38 +392,131 @@ class GradientEngine:
             return self._loss(out, ti.unsqueeze(0)).sum(), out.squeeze(0).detach()
 
         g, logits = vmap(grad(per_sample, has_aux=True), in_dims=(None, 0, 0))(sel, x, target)
-        return self._flatten(g, x.shape[0]), _full(logits)
+        for j, name in enumerate(self.param_names):
+            sink.add(j, g.pop(name))
+        return _full(logits)
 
-    def _chunk_hooks(self, x, target):
+    def _workspace(self, n: int) -> torch.Tensor:
+        """A flat buffer of n × the largest selected tensor, kept and reused across chunks
+        (hooks write each layer's per-sample weight gradients into it)."""
+        need = n * self.max_tensor_numel
+        if self._ws is None or self._ws.numel() < need:
+            self._ws = None
+            self._ws = self._empty(max(need, self.chunk_len(True) * self.max_tensor_numel))
+        return self._ws
+
+    def _chunk_hooks(self, x, target, sink):
+        index = self._index
+        ws = self._workspace(x.shape[0]) if self.precision != "bf16" else None
         with self._requires_grad():
-            per, logits = hook_gradients(self.model, self._hook_plan, x,
-                                         lambda lg: self._loss(lg, target))
-        return self._flatten(per, x.shape[0]), _full(logits)
+            _, logits = hook_gradients(self.model, self._hook_plan, x,
+                                       lambda lg: self._loss(lg, target),
+                                       consume=lambda name, g: sink.add(index[name], g, _in(g, ws)),
+                                       workspace=ws)
+        return _full(logits)
 
-    def _chunk_loop(self, x, target):
+    def _chunk_loop(self, x, target, sink):
         params = list(self.selected.values())
-        n = x.shape[0]
-        if n == 0:
-            return torch.zeros(0, self.num_params, device=self.device), torch.zeros(0, 0)
-        # written in place, one copy per parameter gradient (no per-sample cat + stack)
-        dtype = params[0].dtype if params[0].dtype in (torch.float32, torch.float64) else torch.float32
-        grads = torch.empty(n, self.num_params, device=self.device, dtype=dtype)
         logits = []
         with self._requires_grad(), torch.enable_grad():
-            for i in range(n):
+            for i in range(x.shape[0]):
                 out = self.model(x[i:i + 1])
                 t = None if target is None else target[i:i + 1]
                 gs = torch.autograd.grad(self._loss(out, t).sum(), params, allow_unused=True)
-                off = 0
-                for gi, p in zip(gs, params, strict=True):
-                    k = p.numel()
-                    if gi is None:
-                        grads[i, off:off + k].zero_()
-                    else:
-                        grads[i, off:off + k].copy_(gi.reshape(-1))
-                    off += k
+                for j, gi in enumerate(gs):
+                    sink.add_one(i, j, gi)
+                sink.end_one(i)
                 logits.append(_full(out.detach()))
-        return grads, torch.cat(logits)
+                # free this sample's gradients and graph before the next forward, so that
+                # the allocator reuses their memory (else two samples' worth are alive and
+                # large blocks come back as fresh, page-faulting pages)
+                gs = gi = out = None
+        return torch.cat(logits) if logits else torch.zeros(0, 0, device=self.device)
+
+
+class _FlatSink:
+    """Writes each parameter tensor's per-sample gradients into its columns of an n×P
+    buffer (row-major per parameter, ``select_params`` order)."""
+
+    def __init__(self, out: torch.Tensor, offsets):
+        self.out = out
+        self.offsets = offsets
+
+    def add(self, j, g, owned=False):
+        o, k = self.offsets[j]
+        self.out[:, o:o + k].copy_(g.reshape(g.shape[0], -1))
+
+    def add_one(self, i, j, g):
+        o, k = self.offsets[j]
+        if g is None:
+            self.out[i, o:o + k].zero_()
+        else:
+            self.out[i, o:o + k].copy_(g.reshape(-1))
+
+    def end_one(self, i):
+        pass
+
+
+class _ReduceSink:
+    """Reduces each parameter tensor's per-sample gradients as they arrive (``reduce``)."""
+
+    def __init__(self, reducer: NormReducer, n: int, engine: GradientEngine, views):
+        self.engine = engine
+        self.views = views
+        self.shifts = (None, *reducer.shifts)
+        self.powers = list(reducer.powers)
+        # a power that propagates NaN/inf into the sum, for the finiteness check
+        for p in (INF, 1.0, *self.powers):
+            if p in self.powers and p != 0:
+                self.check_p = p
+                break
+        else:
+            self.check_p = 1.0
+            self.powers.append(1.0)
+        T = len(engine.param_names)
+        self.sums = {(s, p): torch.zeros(n, T, dtype=torch.float64, device=engine.device)
+                     for s in self.shifts for p in self.powers}
+        self._row: dict = {key: [None] * T for key in self.sums}
+
+    def _reduce(self, j, g2, owned=False):
+        # shifted gradients first: with ``owned``, g2 itself is then overwritten by |g2|
+        for s in (*self.shifts[1:], None):
+            if s is None:
+                sums = power_sums(g2, self.powers, inplace=owned)
+            else:
+                sums = power_sums(g2 + self.views[s][j], self.powers, inplace=True)
+            for p, v in sums.items():
+                yield (s, p), v
+
+    def add(self, j, g, owned=False):
+        g2 = _full(g).reshape(g.shape[0], -1)
+        for key, v in self._reduce(j, g2, owned and g2.dtype == g.dtype):
+            self.sums[key][:, j] = v
+
+    def add_one(self, i, j, g):
+        if g is None:
+            o, k = self.engine._offsets[j]
+            g = torch.zeros(k, device=self.engine.device, dtype=self.engine.grad_dtype)
+        for key, v in self._reduce(j, _full(g).reshape(1, -1)):
+            self._row[key][j] = v
+
+    def end_one(self, i):
+        for key, parts in self._row.items():
+            self.sums[key][i] = torch.cat(parts)
+
+    def result(self, start: int, rows=None) -> GradReductions:
+        s = self.sums[(None, self.check_p)]
+        if s.numel() and not bool(torch.isfinite(s).all()):
+            n, t = (int(v) for v in torch.nonzero(~torch.isfinite(s))[0])
+            row = int(rows[n]) if rows is not None else start + n
+            raise NumericalError(f"per-sample gradient ({self.engine.loss}) is not finite for sample "
+                                 f"{row}, parameter '{self.engine.param_names[t]}'")
+        return GradReductions(self.engine.param_names, self.sums)
+
+
+def _in(t: torch.Tensor, ws: torch.Tensor | None) -> bool:
+    """Whether t lives in the engine's workspace (then the sink may overwrite it)."""
+    return ws is not None and t.untyped_storage().data_ptr() == ws.untyped_storage().data_ptr()
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

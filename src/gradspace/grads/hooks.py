@@ -57,21 +57,42 @@ def plan_hooks(model: nn.Module, selected: Mapping[str, torch.Tensor]):
     return [(m, mod, attrs) for m, (mod, attrs) in plan.items()]
 
 
-def _per_sample(mod: nn.Module, attr: str, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+UNFOLD_SLICE_BYTES = 8 << 20  # unfold(a) of at most this many bytes at a time
+
+
+def _per_sample(mod: nn.Module, attr: str, a: torch.Tensor, g: torch.Tensor,
+                workspace: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample gradient n×shape of ``mod.<attr>``; weight gradients of Linear and Conv2d
+    layers are written into ``workspace`` (a flat buffer of at least n×numel) when given."""
     n = g.shape[0]
     if isinstance(mod, nn.Linear):
         g3 = g.reshape(n, -1, g.shape[-1])
         if attr == "bias":
             return g3.sum(dim=1)
         a3 = a.reshape(n, -1, a.shape[-1]).to(g.dtype)
-        return torch.bmm(g3.transpose(1, 2), a3)
+        if workspace is None:
+            return torch.bmm(g3.transpose(1, 2), a3)
+        out = workspace[:n * mod.weight.numel()].view(n, *mod.weight.shape)
+        return torch.bmm(g3.transpose(1, 2), a3, out=out)
     if isinstance(mod, nn.Conv2d):
         if attr == "bias":
             return g.sum(dim=(2, 3))
-        cols = torch.nn.functional.unfold(a.to(g.dtype), mod.kernel_size, dilation=mod.dilation,
-                                          padding=mod.padding, stride=mod.stride)  # n×(Cin·k·k)×L
-        gw = torch.bmm(g.reshape(n, g.shape[1], -1), cols.transpose(1, 2))
-        return gw.reshape(n, *mod.weight.shape)
+        cout = g.shape[1]
+        g3 = g.reshape(n, cout, -1)
+        kw = dict(kernel_size=mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
+                  stride=mod.stride)
+        if workspace is None:
+            cols = torch.nn.functional.unfold(a.to(g.dtype), **kw)  # n×(Cin·k·k)×L
+            return torch.bmm(g3, cols.transpose(1, 2)).reshape(n, *mod.weight.shape)
+        # into the workspace, a few samples at a time: unfold(a) (Cin·k·k×L per sample) stays
+        # small enough to be recycled by the allocator instead of faulting in fresh pages
+        out = workspace[:n * mod.weight.numel()].view(n, cout, -1)
+        per = max(1, mod.weight.numel() // cout * g3.shape[2] * g.element_size())
+        step = max(1, UNFOLD_SLICE_BYTES // per)
+        for s in range(0, n, step):
+            cols = torch.nn.functional.unfold(a[s:s + step].to(g.dtype), **kw)
+            torch.bmm(g3[s:s + step], cols.transpose(1, 2), out=out[s:s + step])
+        return out.view(n, *mod.weight.shape)
     # BatchNorm in eval mode: an affine map per channel (dim 1)
     dims = tuple(d for d in range(g.dim()) if d not in (0, 1))
     if attr == "bias":
@@ -82,9 +103,18 @@ def _per_sample(mod: nn.Module, attr: str, a: torch.Tensor, g: torch.Tensor) -> 
     return prod.sum(dim=dims) if dims else prod
 
 
-def hook_gradients(model: nn.Module, plan, x: torch.Tensor, loss_fn):
+def hook_gradients(model: nn.Module, plan, x: torch.Tensor, loss_fn, consume=None,
+                   workspace: torch.Tensor | None = None):
     """Per-sample gradients of ``loss_fn(logits)`` (a per-sample loss vector) for every
-    parameter in ``plan``. Returns ({param_name: n×shape tensor}, logits)."""
+    parameter in ``plan``. Returns ({param_name: n×shape tensor}, logits).
+
+    With ``consume(param_name, n×shape tensor)`` each gradient is handed over as soon as it
+    is computed and not kept (the returned dict is empty), so at most one layer's
+    per-sample gradients exist at a time; they may then live in ``workspace`` (a flat
+    buffer of n × the largest selected numel, reused layer after layer: ``consume`` must
+    copy or reduce what it is given before returning)."""
+    if workspace is not None and consume is None:
+        raise ValueError("hook_gradients: a workspace needs a consume callback")
     saved: dict[str, tuple] = {}
     handles = []
 
@@ -108,17 +138,27 @@ def hook_gradients(model: nn.Module, plan, x: torch.Tensor, loss_fn):
             loss = loss_fn(logits).sum()
             outs = [saved[name][2] for name, _, _ in plan]
             gouts = torch.autograd.grad(loss, outs, allow_unused=True)
+            del outs, loss
     finally:
         for h in handles:
             h.remove()
-    grads: dict[str, torch.Tensor] = {}
-    for (name, mod, attrs), g in zip(plan, gouts, strict=True):
-        a, version, out = saved[name]
+    for name, _, _ in plan:
+        a, version, _out = saved[name]
         if a._version != version:
             raise HookUnsupported(f"hooks strategy: the input of module '{name}' was modified "
                                   "in place after use")
+    grads: dict[str, torch.Tensor] = {}
+    gouts = list(gouts)
+    for i, (name, mod, attrs) in enumerate(plan):
+        g, gouts[i] = gouts[i], None  # drop each layer's output gradient once used
+        a, _version, out = saved.pop(name)
         if g is None:
             g = torch.zeros_like(out)
         for pname, attr in attrs:
-            grads[pname] = _per_sample(mod, attr, a.detach(), g.detach())
+            gp = _per_sample(mod, attr, a.detach(), g.detach(), workspace)
+            if consume is None:
+                grads[pname] = gp
+            else:
+                consume(pname, gp)
+        del a, out, g
     return grads, logits.detach()
