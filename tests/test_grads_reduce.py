@@ -233,3 +233,126 @@ def test_auto_on_cpu_prefers_hooks_for_large_selections():
     assert GradientEngine(ln, params="all").strategy_used == "loop"
     small_ln = nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2))
     assert GradientEngine(small_ln, params="all").strategy_used == "vmap"
+
+
+# -- grad-scores on the reduction path -------------------------------------------------------------
+ALL_SCORES = {"gn1": {"kind": "gradnorm", "p": 1}, "gn2": {"kind": "gradnorm", "p": 2},
+              "gninf": {"kind": "gradnorm", "p": "inf"}, "gn03": {"kind": "gradnorm", "p": 0.3},
+              "gnoh": {"kind": "gradnorm", "target": "onehot"},
+              "ex": {"kind": "igoe"}, "exu2": {"kind": "igoe", "dist": "uniform", "norm": "l2sq"},
+              "exw": {"kind": "igoe", "norm": "l2sq", "weight": "logp_over_p"},
+              "neu": {"kind": "igoe", "order": "norm_exp", "dist": "uniform"},
+              "mc": {"kind": "igoe", "samples": 3},
+              "bg": {"kind": "batchgrad"}}
+
+
+def materialized_scores(model, p, x, ref):
+    """The scores as grad-scores computed them before the reduction path: N×P gradients
+    from ``engine.batch``, then float64 norms of the rows (reference implementation)."""
+    import numpy as np
+
+    from gradspace.detectors.igoe import orientation
+    from gradspace.grads import lastlayer
+
+    T = p["temperature"]
+
+    def eng(loss):
+        return GradientEngine(model, params=p["params"], loss=loss, temperature=T,
+                              strategy=p["strategy"], chunk_size=p["chunk_size"])
+
+    def nrm(g, key):
+        a = g.abs().double()
+        if key == "l1":
+            return a.sum(1).numpy()
+        if key == "l2sq":
+            return (a * a).sum(1).numpy()
+        q = float(key)
+        return (a.amax(1) if q == INF else (a ** q).sum(1) ** (1 / q)).numpy()
+
+    with torch.no_grad():
+        logits = model(x).double().numpy()
+    prob = lastlayer.softmax_t(logits, T)
+    N, C = prob.shape
+    ref_grad = eng("ce_label").batch(*ref).sum(0)
+    g_kl, g_oh = eng("kl_uniform").batch(x), eng("ce_pred").batch(x)
+    g_y = [eng("ce_label").batch(x, target=torch.full((N,), y)) for y in range(C)]
+    logp = np.log(prob)
+    out = {}
+    for name, s in p["scores"].items():
+        if s["kind"] == "gradnorm":
+            out[name] = nrm(g_kl, s["p"]) if s["target"] == "uniform" else -nrm(g_oh, s["p"])
+        elif s["kind"] == "batchgrad":
+            out[name] = sum(prob[:, y] * nrm(g_y[y] + ref_grad, "l1") for y in range(C))
+        elif s["order"] == "norm_exp":
+            out[name] = orientation(s["dist"]) * nrm(g_kl, s["norm"])
+        elif s["samples"] is not None:
+            labels = lastlayer.sample_labels(prob, s["samples"], p["seed"], lastlayer.row_keys(logits))
+            vals = [nrm(eng("ce_label").batch(x, target=torch.as_tensor(labels[:, k])), s["norm"])
+                    for k in range(labels.shape[1])]
+            out[name] = orientation(s["dist"]) * sum(vals) / len(vals)
+        else:
+            acc = 0.0
+            for y in range(C):
+                w = prob[:, y] if s["dist"] == "pred" else np.full(N, 1.0 / C)
+                if s["weight"] == "logp_over_p":
+                    w = w * logp[:, y] / prob[:, y]
+                acc = acc + w * nrm(g_y[y], s["norm"])
+            out[name] = orientation(s["dist"]) * acc
+    return out
+
+
+@pytest.mark.parametrize("strategy", ["vmap", "hooks", "loop"])
+@pytest.mark.parametrize("params", ["all", "block"])
+def test_grad_scores_unchanged_by_reduction_path(strategy, params, monkeypatch):
+    import numpy as np
+
+    from gradspace.grads import engine as E
+    from gradspace.grads.commands import GradScorer, parse_params
+
+    model = tiny_resnet(num_classes=3)
+    spec = ["layer2"] if params == "block" else "all"
+    x = _x((3, 8, 8), n=7)
+    ref = (_x((3, 8, 8), n=3, seed=9), torch.arange(3))
+    p = parse_params({"params": spec, "mean": [0.0], "std": [1.0], "strategy": strategy,
+                      "chunk_size": 3, "temperature": 1.5, "scores": ALL_SCORES})
+    want = materialized_scores(model, p, x, ref)
+    calls = []
+    batch = E.GradientEngine.batch
+    monkeypatch.setattr(E.GradientEngine, "batch",
+                        lambda self, *a, **k: calls.append(1) or batch(self, *a, **k))
+    got = GradScorer(model, p, ref)(x)
+    assert len(calls) == 1  # only BatchGrad's reference sum over the ID points is materialized
+    assert set(got) == set(ALL_SCORES)
+    for name in ALL_SCORES:
+        assert got[name].dtype == np.float64 and got[name].shape == (7,)
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=0, err_msg=name)
+    assert np.all(got["gn1"] > 0) and np.all(got["gnoh"] < 0) and np.all(got["bg"] > 0)
+
+
+def test_grad_scores_fp32_within_float32_rounding():
+    import numpy as np
+
+    from gradspace.grads.commands import GradScorer, parse_params
+
+    model = tiny_resnet(num_classes=3, dtype=torch.float32)
+    x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(6))
+    ref = (torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(7)), torch.arange(3))
+    scores = {k: ALL_SCORES[k] for k in ("gn1", "gn2", "gninf", "gn03", "ex", "exu2", "bg")}
+    p = parse_params({"params": "all", "mean": [0.0], "std": [1.0], "strategy": "hooks",
+                      "chunk_size": 2, "scores": scores})
+    want = materialized_scores(model, p, x, ref)
+    got = GradScorer(model, p, ref)(x)
+    for name in scores:  # float32 per-tensor sums vs float64 sums of the same float32 gradients
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-6, err_msg=name)
+
+
+def test_grad_scores_max_chunk_mb():
+    from gradspace.grads.commands import GradScorer, parse_params
+
+    base = {"mean": [0.0], "std": [1.0]}
+    for bad in (0, -1, "x", True):
+        with pytest.raises(ConfigError, match="max_chunk_mb"):
+            parse_params({**base, "max_chunk_mb": bad})
+    model = tiny_resnet(num_classes=3)
+    sc = GradScorer(model, parse_params({**base, "max_chunk_mb": 0.5, "strategy": "vmap"}))
+    assert sc.engine("kl_uniform").max_chunk_bytes == 2**19

@@ -18,8 +18,12 @@ over the selected parameters θ (``params``):
   E_{Y~p}[‖∇_θ(log p^(Y)(x) + Σ_i log p^(y_i)(x_i^ID))‖₁] with one ID-train point per
   class from ``--ref-data-dir`` (first of each class in a seeded shuffle).
 
-Memory is bounded by the batch and the engine's chunk (chunk_size × P floats), never by
-the number of samples.
+Every score is a norm of per-sample gradients (of g, or of g + c for BatchGrad), so the
+scorer uses the engine's reduction path (``GradientEngine.reduce``): each parameter
+tensor's per-sample gradient is reduced to Σ|g|^p as soon as it exists, and the N×P
+gradient matrix is never formed. Memory is bounded by the engine's chunk (the hooks
+strategy: one layer's chunk_size × numel floats; the loop: one sample), never by the
+number of samples.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ DEFAULTS = {
     "strategy": "auto",
     "chunk_size": 64,
     "precision": "fp32",
+    "max_chunk_mb": None,
     "device": "auto",
     "batch_size": 128,
     "num_workers": 0,
@@ -69,6 +74,9 @@ def parse_params(params: dict | None) -> dict:
     for key in ("mean", "std"):
         if p[key] is None:
             raise ConfigError(f"grad-scores --params: '{key}' (input normalization) is required")
+    mb = p["max_chunk_mb"]
+    if mb is not None and (isinstance(mb, bool) or not isinstance(mb, int | float) or not mb > 0):
+        raise ConfigError(f"grad-scores --params: 'max_chunk_mb' must be null or > 0, got {mb!r}")
     if not isinstance(p["scores"], dict) or not p["scores"]:
         raise ConfigError("grad-scores --params: 'scores' must be a non-empty object {name: spec}")
     scores = {}
@@ -117,10 +125,12 @@ class GradScorer:
         self.model = model.eval()
         self.T = float(params["temperature"])
         self._engines: dict[str, GradientEngine] = {}
+        mb = params.get("max_chunk_mb")
         self._make = lambda loss: GradientEngine(
             model, params=params["params"], loss=loss, temperature=self.T,
             strategy=params["strategy"], chunk_size=int(params["chunk_size"]),
-            precision=params["precision"])
+            precision=params["precision"],
+            max_chunk_bytes=None if mb is None else int(float(mb) * 2**20))
         self.scores = params["scores"]
         self.ref_grad = None
         if any(s["kind"] == "batchgrad" for s in self.scores.values()):
@@ -141,24 +151,24 @@ class GradScorer:
         return next(iter(self._engines.values())).strategy_used if self._engines else "n/a"
 
     @staticmethod
-    def _norms(g, want):
-        """{key: norm per row} for keys ('p', value) / 'l1' / 'l2sq' (float64 numpy)."""
+    def _powers(want) -> set:
+        """Powers p to reduce for norm keys ('p', value) / 'l1' / 'l2sq'."""
+        return {1.0 if k == "l1" else 2.0 if k == "l2sq" else k[1] for k in want}
+
+    @staticmethod
+    def _norms(red, want, shift=None):
+        """{key: per-row value} (float64 numpy) from a ``GradReductions``: ('p', value) ->
+        ‖g‖_p, 'l1' -> Σ|g|, 'l2sq' -> Σg²."""
         out = {}
-        a = g.abs().double()
         for key in want:
             if key == "l1":
-                out[key] = a.sum(1)
+                v = red.power_sum(1, shift=shift)
             elif key == "l2sq":
-                out[key] = (a * a).sum(1)
+                v = red.power_sum(2, shift=shift)
             else:
-                p = key[1]
-                if p == float("inf"):
-                    out[key] = a.max(1).values
-                elif p == 0:
-                    out[key] = (a != 0).sum(1).double()
-                else:
-                    out[key] = (a ** p).sum(1) ** (1.0 / p)
-        return {k: v.cpu().numpy() for k, v in out.items()}
+                v = red.norm(key[1], shift=shift)
+            out[key] = v.cpu().numpy()
+        return out
 
     def __call__(self, x) -> dict[str, np.ndarray]:
         from . import lastlayer
@@ -172,8 +182,12 @@ class GradScorer:
         seed = int(self.p["seed"])
         out: dict[str, np.ndarray] = {}
 
-        def whole_batch(loss, target=None):
-            return self.engine(loss).batch(x, target=target)
+        from .reduce import NormReducer
+
+        def reduced(loss, want, target=None, shifts=None):
+            """Per-sample reductions of the batch's gradients for the norm keys ``want``."""
+            powers = self._powers(want) or {1.0}
+            return self.engine(loss).reduce(x, NormReducer(sorted(powers), shifts), target=target)
 
         # GradNorm and norm-of-expectation scores: one pass per distinct loss/target
         groups: dict[tuple, list] = {}
@@ -190,13 +204,14 @@ class GradScorer:
                     key = ("ce_label", s["dist"], s["samples"])
                     groups.setdefault(key, []).append((name, s["norm"], 1.0))
         for key, members in groups.items():
+            want = {m[1] for m in members}
             if key[0] == "ce_label":
                 q = prob if key[1] == "pred" else np.full_like(prob, 1.0 / C)
                 labels = lastlayer.sample_labels(q, key[2], seed, keys)
-                g = whole_batch("ce_label", torch.as_tensor(labels))
+                red = reduced("ce_label", want, torch.as_tensor(labels))
             else:
-                g = whole_batch(key[0])
-            norms = self._norms(g, {m[1] for m in members})
+                red = reduced(key[0], want)
+            norms = self._norms(red, want)
             for name, nk, sign in members:
                 out[name] = sign * norms[nk]
 
@@ -207,14 +222,18 @@ class GradScorer:
         if exact:
             acc = {n: np.zeros(N) for n in exact}
             logp = np.log(np.maximum(prob, np.finfo(np.float64).tiny))
+            want = {s["norm"] for s in exact.values() if s["kind"] == "igoe"}
+            batchgrad = any(s["kind"] == "batchgrad" for s in exact.values())
+            # BatchGrad: ‖g + Σ_i ∇(−log p_{y_i}(x_i^ID))‖₁, the shifted reduction
+            shifts = {"ref": self.ref_grad} if batchgrad else None
             for y in range(C):  # loop over labels, vectorized over the batch
-                g = whole_batch("ce_label", torch.full((N,), y, dtype=torch.long))
-                norms = self._norms(g, {s.get("norm", "l1") for s in exact.values()
-                                        if s["kind"] == "igoe"})
+                red = reduced("ce_label", want | ({"l1"} if batchgrad else set()),
+                              torch.full((N,), y, dtype=torch.long), shifts)
+                norms = self._norms(red, want)
+                bg = red.power_sum(1, shift="ref").cpu().numpy() if batchgrad else None
                 for name, s in exact.items():
                     if s["kind"] == "batchgrad":
-                        val = (g + self.ref_grad.to(g.device)).abs().double().sum(1).cpu().numpy()
-                        acc[name] += prob[:, y] * val
+                        acc[name] += prob[:, y] * bg
                         continue
                     w = prob[:, y] if s["dist"] == "pred" else np.full(N, 1.0 / C)
                     if s["weight"] == "logp_over_p":
@@ -229,8 +248,8 @@ class GradScorer:
             total = np.zeros(N)
             logp = np.log(np.maximum(prob, np.finfo(np.float64).tiny))
             for k in range(labels.shape[1]):  # loop over draws, vectorized over the batch
-                g = whole_batch("ce_label", torch.as_tensor(labels[:, k]))
-                v = self._norms(g, {s["norm"]})[s["norm"]]
+                red = reduced("ce_label", {s["norm"]}, torch.as_tensor(labels[:, k]))
+                v = self._norms(red, {s["norm"]})[s["norm"]]
                 if s["weight"] == "logp_over_p":
                     lk = labels[:, k]
                     v = v * logp[np.arange(N), lk] / np.maximum(prob[np.arange(N), lk], 1e-300)
@@ -342,8 +361,9 @@ def register(subparsers) -> None:
     p.add_argument("--data-dir", required=True, help="prepared dataset directory")
     p.add_argument("--shard", type=int, default=None, help="shard number (default: all shards)")
     p.add_argument("--params", type=json_arg, default={},
-                   help="JSON: params, temperature, strategy, chunk_size, precision, device, "
-                        "batch_size, num_workers, mean, std, seed, scores")
+                   help="JSON: params, temperature, strategy, chunk_size, precision, max_chunk_mb "
+                        "(gradient workspace per step, MiB; default 1024), device, batch_size, "
+                        "num_workers, mean, std, seed, scores")
     p.add_argument("--ref-data-dir", default=None,
                    help="ID-train dataset for BatchGrad's reference points")
     p.add_argument("--out", required=True, help="output store gradscores/<dataset>/shard-K.zarr")
