@@ -356,3 +356,32 @@ def test_grad_scores_max_chunk_mb():
     model = tiny_resnet(num_classes=3)
     sc = GradScorer(model, parse_params({**base, "max_chunk_mb": 0.5, "strategy": "vmap"}))
     assert sc.engine("kl_uniform").max_chunk_bytes == 2**19
+
+
+def test_grad_scores_gradnorm_only_skips_the_probability_forward():
+    import numpy as np
+
+    from gradspace.grads.commands import GradScorer, parse_params
+
+    model = tiny_resnet(num_classes=3)
+    x = _x((3, 8, 8), n=5)
+    ref = (_x((3, 8, 8), n=3, seed=9), torch.arange(3))
+    only = {k: ALL_SCORES[k] for k in ("gn1", "gninf", "gnoh", "neu")}
+    p = parse_params({"params": "all", "mean": [0.0], "std": [1.0], "strategy": "hooks",
+                      "chunk_size": 2, "scores": only})
+    sc = GradScorer(model, p)
+    assert not sc.needs_prob
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, a: calls.append(a[0].shape[0]))
+    try:
+        got = sc(x)
+    finally:
+        handle.remove()
+    # the engine's chunks for two losses (KL-uniform: gn1, gninf, neu; one-hot CE: gnoh),
+    # no extra whole-batch forward
+    assert calls == [2, 2, 1] * 2
+    want = materialized_scores(model, p, x, ref)
+    for name in only:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=0, err_msg=name)
+    assert GradScorer(model, parse_params({**{k: p[k] for k in ("mean", "std")},
+                                           "scores": {"ex": {"kind": "igoe"}}})).needs_prob

@@ -132,6 +132,11 @@ class GradScorer:
             precision=params["precision"],
             max_chunk_bytes=None if mb is None else int(float(mb) * 2**20))
         self.scores = params["scores"]
+        self.device = next(model.parameters()).device
+        # p = softmax(f/T) weights expectations and draws labels; GradNorm and the exact
+        # norm-of-expectation scores never need it (one forward pass saved per batch)
+        self.needs_prob = any(s["kind"] == "batchgrad" or (s["kind"] == "igoe" and not (
+            s["order"] == "norm_exp" and s["samples"] is None)) for s in self.scores.values())
         self.ref_grad = None
         if any(s["kind"] == "batchgrad" for s in self.scores.values()):
             if ref_batch is None:
@@ -174,11 +179,15 @@ class GradScorer:
         from . import lastlayer
 
         torch = self._torch
-        with torch.no_grad():
-            logits = self.model(x.to(self.engine("kl_uniform").device)).double().cpu().numpy()
-        prob = lastlayer.softmax_t(logits, self.T)
-        N, C = prob.shape
-        keys = lastlayer.row_keys(logits)
+        N = x.shape[0]
+        if self.needs_prob:
+            with torch.no_grad():
+                logits = self.model(x.to(self.device)).double().cpu().numpy()
+            prob = lastlayer.softmax_t(logits, self.T)
+            C = prob.shape[1]
+            keys = lastlayer.row_keys(logits)
+        else:  # GradNorm / norm-of-expectation scores only: no forward pass for p
+            prob = keys = C = None
         seed = int(self.p["seed"])
         out: dict[str, np.ndarray] = {}
 
