@@ -385,3 +385,41 @@ def test_grad_scores_gradnorm_only_skips_the_probability_forward():
         np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=0, err_msg=name)
     assert GradScorer(model, parse_params({**{k: p[k] for k in ("mean", "std")},
                                            "scores": {"ex": {"kind": "igoe"}}})).needs_prob
+
+
+def test_finiteness_bound_skips_only_proven_parameters():
+    """Materializing hooks skip the re-read of parameters whose entries a bound proves
+    finite; a gradient that overflows from finite activations is still caught."""
+    from torch import nn
+
+    def model(w):
+        m = nn.Sequential(nn.Linear(1, 1, bias=False), nn.Linear(1, 2, bias=False))
+        with torch.no_grad():
+            m[0].weight.fill_(1e-38)
+            m[1].weight.copy_(torch.tensor([[w], [0.0]]))
+        return m.eval()
+
+    x = torch.full((2, 1), 3e38)  # finite in float32; h = x·1e-38 = 3
+    ok = model(0.5)  # ∂E/∂W1 = −0.5·p₀·x ≈ −1.2e38: finite, beyond what the bound can prove
+    got = GradientEngine(ok, params="all", strategy="hooks").batch(x)
+    ref = GradientEngine(ok, params="all", strategy="loop").batch(x)
+    assert torch.isfinite(got).all() and float(got[0, 0]) < -1e38
+    assert torch.allclose(got, ref, rtol=1e-5)
+    bad = model(2.0)  # ∂E/∂W1 ≈ −2·x = −6e38: overflows to −inf in float32
+    for strategy in ("hooks", "loop"):
+        with pytest.raises(NumericalError, match="sample 0, parameter '0.weight'"):
+            GradientEngine(bad, params="all", strategy=strategy).batch(x)
+        with pytest.raises(NumericalError, match="parameter '0.weight'"):
+            GradientEngine(bad, params="all", strategy=strategy).reduce(x, NormReducer((1,)))
+    # ordinary models: every Linear/Conv weight and bias is proven finite, BatchNorm is not
+    from gradspace.grads import engine as E
+
+    net = tiny_resnet(dtype=torch.float32)
+    eng = GradientEngine(net, params="all", strategy="hooks")
+    sink = E._FlatSink(torch.empty(3, eng.num_params), eng)
+    eng._chunk(torch.randn(3, 3, 8, 8), None, sink)
+    kind = {f"{m}.{a}" if m else a: type(mod) for m, mod in net.named_modules()
+            for a, _ in mod.named_parameters(recurse=False)}
+    verified = {eng.param_names[j] for j in sink.verified}
+    assert verified == {n for n in eng.param_names if kind[n] in (nn.Conv2d, nn.Linear)}
+    assert len(verified) == 8  # 6 convolution weights (no biases), head weight and bias

@@ -203,8 +203,9 @@ class GradientEngine:
             stop = min(start + step, n)
             t = None if target is None else target[start:stop]
             view = out[start:stop]
-            logits.append(self._chunk(x[start:stop], t, _FlatSink(view, self._offsets)))
-            self._check_finite(view, start)
+            sink = _FlatSink(view, self)
+            logits.append(self._chunk(x[start:stop], t, sink))
+            self._check_finite(view, start, verified=sink.verified)
         if return_logits:
             lg = torch.cat(logits) if logits else torch.zeros(0, 0, device=self.device)
             return out, lg
@@ -231,8 +232,9 @@ class GradientEngine:
                     g = self._buf[:stop - start]
                 else:
                     g = self._empty(stop - start, self.num_params)
-                self._chunk(x[start:stop], None, _FlatSink(g, self._offsets))
-                self._check_finite(g, start, rows[start:stop])
+                sink = _FlatSink(g, self)
+                self._chunk(x[start:stop], None, sink)
+                self._check_finite(g, start, rows[start:stop], sink.verified)
                 yield rows[start:stop], g
 
     def reduce(self, x: torch.Tensor, reducer: NormReducer, target: torch.Tensor | None = None,
@@ -305,12 +307,18 @@ class GradientEngine:
             views[key] = [c[o:o + k].reshape(1, -1) for o, k in self._offsets]
         return views
 
-    def _check_finite(self, g: torch.Tensor, start: int, rows=None) -> None:
+    def _check_finite(self, g: torch.Tensor, start: int, rows=None, verified=()) -> None:
         # One reduction finds any NaN/inf (they propagate into the sum); only then is the
         # element-wise check run, to name the sample and parameter (a sum that overflows
-        # from finite values passes it).
-        if bool(torch.isfinite(g.sum())):
-            return
+        # from finite values passes it). Parameters in ``verified`` (indices whose entries
+        # a bound proved finite) are not read again.
+        if not verified:
+            if bool(torch.isfinite(g.sum())):
+                return
+        else:
+            todo = [self._offsets[j] for j in range(len(self._offsets)) if j not in verified]
+            if all(bool(torch.isfinite(g[:, o:o + k].sum())) for o, k in todo):
+                return
         bad = ~torch.isfinite(g)
         if bool(bad.any()):
             n, j = (int(v) for v in torch.nonzero(bad)[0])
@@ -398,7 +406,8 @@ class GradientEngine:
 
     def _workspace(self, n: int) -> torch.Tensor:
         """A flat buffer of n × the largest selected tensor, kept and reused across chunks
-        (hooks write each layer's per-sample weight gradients into it)."""
+        (the hooks strategy's reduction path writes each layer's per-sample weight
+        gradients into it)."""
         need = n * self.max_tensor_numel
         if self._ws is None or self._ws.numel() < need:
             self._ws = None
@@ -407,12 +416,13 @@ class GradientEngine:
 
     def _chunk_hooks(self, x, target, sink):
         index = self._index
-        ws = self._workspace(x.shape[0]) if self.precision != "bf16" else None
+        # bf16 autocast computes the products in bf16: no preallocated fp32 destinations
+        dest = None if self.precision == "bf16" else (lambda name, n: sink.dest(index[name], n))
         with self._requires_grad():
             _, logits = hook_gradients(self.model, self._hook_plan, x,
                                        lambda lg: self._loss(lg, target),
-                                       consume=lambda name, g: sink.add(index[name], g, _in(g, ws)),
-                                       workspace=ws)
+                                       consume=lambda name, g, b: sink.add(index[name], g, b),
+                                       dest=dest)
         return _full(logits)
 
     def _chunk_loop(self, x, target, sink):
@@ -438,13 +448,28 @@ class _FlatSink:
     """Writes each parameter tensor's per-sample gradients into its columns of an n×P
     buffer (row-major per parameter, ``select_params`` order)."""
 
-    def __init__(self, out: torch.Tensor, offsets):
+    def __init__(self, out: torch.Tensor, engine: GradientEngine):
         self.out = out
-        self.offsets = offsets
+        self.engine = engine
+        self.offsets = engine._offsets
+        # parameters whose entries are proven finite by a bound (hooks): not re-read by the
+        # finiteness check, which otherwise reads the whole chunk once more
+        self.verified: set[int] = set()
+        self._limit = torch.finfo(out.dtype).max / 4  # margin for rounding of the sums
 
-    def add(self, j, g, owned=False):
+    def dest(self, j, n):
+        """Where hooks write parameter j's per-sample weight gradients: the engine's
+        workspace, then copied into the columns (add). Writing the batched products
+        straight into the strided column block was slower (ResNet-18, 2 CPU threads:
+        21.7 vs 26.5 samples/s; fresh per-layer tensors: 20.9/s)."""
+        k = self.offsets[j][1]
+        return self.engine._workspace(n)[:n * k].view(n, k)
+
+    def add(self, j, g, bound=None):
         o, k = self.offsets[j]
         self.out[:, o:o + k].copy_(g.reshape(g.shape[0], -1))
+        if bound is not None and bound < self._limit:  # False for NaN
+            self.verified.add(j)
 
     def add_one(self, i, j, g):
         o, k = self.offsets[j]
@@ -488,9 +513,16 @@ class _ReduceSink:
             for p, v in sums.items():
                 yield (s, p), v
 
-    def add(self, j, g, owned=False):
+    def dest(self, j, n):
+        """The engine's workspace: reused for every layer and chunk, overwritten here."""
+        k = self.engine._offsets[j][1]
+        return self.engine._workspace(n)[:n * k].view(n, k)
+
+    def add(self, j, g, bound=None):
         g2 = _full(g).reshape(g.shape[0], -1)
-        for key, v in self._reduce(j, g2, owned and g2.dtype == g.dtype):
+        ws = self.engine._ws
+        owned = ws is not None and g2.untyped_storage().data_ptr() == ws.untyped_storage().data_ptr()
+        for key, v in self._reduce(j, g2, owned):
             self.sums[key][:, j] = v
 
     def add_one(self, i, j, g):
@@ -512,11 +544,6 @@ class _ReduceSink:
             raise NumericalError(f"per-sample gradient ({self.engine.loss}) is not finite for sample "
                                  f"{row}, parameter '{self.engine.param_names[t]}'")
         return GradReductions(self.engine.param_names, self.sums)
-
-
-def _in(t: torch.Tensor, ws: torch.Tensor | None) -> bool:
-    """Whether t lives in the engine's workspace (then the sink may overwrite it)."""
-    return ws is not None and t.untyped_storage().data_ptr() == ws.untyped_storage().data_ptr()
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

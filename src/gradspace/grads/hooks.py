@@ -61,19 +61,19 @@ UNFOLD_SLICE_BYTES = 8 << 20  # unfold(a) of at most this many bytes at a time
 
 
 def _per_sample(mod: nn.Module, attr: str, a: torch.Tensor, g: torch.Tensor,
-                workspace: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample gradient n×shape of ``mod.<attr>``; weight gradients of Linear and Conv2d
-    layers are written into ``workspace`` (a flat buffer of at least n×numel) when given."""
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample gradient n×shape of ``mod.<attr>``. Weight gradients of Linear and Conv2d
+    layers are written into ``out`` when given: an n×numel tensor whose rows may be
+    strided (a column block of an n×P buffer, or a workspace)."""
     n = g.shape[0]
     if isinstance(mod, nn.Linear):
         g3 = g.reshape(n, -1, g.shape[-1])
         if attr == "bias":
             return g3.sum(dim=1)
         a3 = a.reshape(n, -1, a.shape[-1]).to(g.dtype)
-        if workspace is None:
+        if out is None:
             return torch.bmm(g3.transpose(1, 2), a3)
-        out = workspace[:n * mod.weight.numel()].view(n, *mod.weight.shape)
-        return torch.bmm(g3.transpose(1, 2), a3, out=out)
+        return torch.bmm(g3.transpose(1, 2), a3, out=out.view(n, *mod.weight.shape))
     if isinstance(mod, nn.Conv2d):
         if attr == "bias":
             return g.sum(dim=(2, 3))
@@ -81,18 +81,18 @@ def _per_sample(mod: nn.Module, attr: str, a: torch.Tensor, g: torch.Tensor,
         g3 = g.reshape(n, cout, -1)
         kw = dict(kernel_size=mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
                   stride=mod.stride)
-        if workspace is None:
+        if out is None:
             cols = torch.nn.functional.unfold(a.to(g.dtype), **kw)  # n×(Cin·k·k)×L
             return torch.bmm(g3, cols.transpose(1, 2)).reshape(n, *mod.weight.shape)
-        # into the workspace, a few samples at a time: unfold(a) (Cin·k·k×L per sample) stays
-        # small enough to be recycled by the allocator instead of faulting in fresh pages
-        out = workspace[:n * mod.weight.numel()].view(n, cout, -1)
+        # a few samples at a time: unfold(a) (Cin·k·k×L per sample) stays small enough to
+        # be recycled by the allocator instead of faulting in fresh pages
+        o3 = out.view(n, cout, -1)
         per = max(1, mod.weight.numel() // cout * g3.shape[2] * g.element_size())
         step = max(1, UNFOLD_SLICE_BYTES // per)
         for s in range(0, n, step):
             cols = torch.nn.functional.unfold(a[s:s + step].to(g.dtype), **kw)
-            torch.bmm(g3[s:s + step], cols.transpose(1, 2), out=out[s:s + step])
-        return out.view(n, *mod.weight.shape)
+            torch.bmm(g3[s:s + step], cols.transpose(1, 2), out=o3[s:s + step])
+        return o3.view(n, *mod.weight.shape)
     # BatchNorm in eval mode: an affine map per channel (dim 1)
     dims = tuple(d for d in range(g.dim()) if d not in (0, 1))
     if attr == "bias":
@@ -103,18 +103,20 @@ def _per_sample(mod: nn.Module, attr: str, a: torch.Tensor, g: torch.Tensor,
     return prod.sum(dim=dims) if dims else prod
 
 
-def hook_gradients(model: nn.Module, plan, x: torch.Tensor, loss_fn, consume=None,
-                   workspace: torch.Tensor | None = None):
+def hook_gradients(model: nn.Module, plan, x: torch.Tensor, loss_fn, consume=None, dest=None):
     """Per-sample gradients of ``loss_fn(logits)`` (a per-sample loss vector) for every
     parameter in ``plan``. Returns ({param_name: n×shape tensor}, logits).
 
-    With ``consume(param_name, n×shape tensor)`` each gradient is handed over as soon as it
-    is computed and not kept (the returned dict is empty), so at most one layer's
-    per-sample gradients exist at a time; they may then live in ``workspace`` (a flat
-    buffer of n × the largest selected numel, reused layer after layer: ``consume`` must
-    copy or reduce what it is given before returning)."""
-    if workspace is not None and consume is None:
-        raise ValueError("hook_gradients: a workspace needs a consume callback")
+    With ``consume(param_name, n×shape tensor, bound)`` each gradient is handed over as soon
+    as it is computed and not kept (the returned dict is empty; ``bound``: an upper bound of
+    its entries' magnitude, NaN if the layer saw non-finite values, or None, see
+    ``_entry_bound``), so at most one layer's
+    per-sample gradients exist at a time. ``dest(param_name, n)`` may then name where a
+    weight gradient is to be written (an n×numel tensor, rows possibly strided, or None):
+    the caller's output buffer, or a workspace that ``consume`` must be done with before
+    it returns."""
+    if dest is not None and consume is None:
+        raise ValueError("hook_gradients: dest needs a consume callback")
     saved: dict[str, tuple] = {}
     handles = []
 
@@ -154,11 +156,36 @@ def hook_gradients(model: nn.Module, plan, x: torch.Tensor, loss_fn, consume=Non
         a, _version, out = saved.pop(name)
         if g is None:
             g = torch.zeros_like(out)
+        a, g = a.detach(), g.detach()
+        bound = _entry_bound(mod, a, g) if consume is not None else None
         for pname, attr in attrs:
-            gp = _per_sample(mod, attr, a.detach(), g.detach(), workspace)
+            out = dest(pname, g.shape[0]) if dest is not None and attr == "weight" else None
+            gp = _per_sample(mod, attr, a, g, out)
             if consume is None:
                 grads[pname] = gp
             else:
-                consume(pname, gp)
+                consume(pname, gp, bound)
         del a, out, g
     return grads, logits.detach()
+
+
+def _max_abs(t: torch.Tensor) -> float:
+    lo, hi = torch.aminmax(t)  # one pass, no |t| temporary; NaN propagates
+    return max(abs(float(lo)), abs(float(hi)))
+
+
+def _entry_bound(mod: nn.Module, a: torch.Tensor, g: torch.Tensor) -> float | None:
+    """An upper bound of every entry of the layer's per-sample weight and bias gradients,
+    from its input a and output gradient g alone (activation-sized, much smaller than the
+    weight gradients): each entry is a sum of at most L terms g·a (bias: g) with L the
+    output positions (tokens for Linear), so |entry| ≤ L·max|g|·max(|a|, 1). NaN when a
+    or g holds NaN/inf; None for layers without such a rule (BatchNorm)."""
+    if g.numel() == 0 or a.numel() == 0:
+        return 0.0
+    if isinstance(mod, nn.Linear):
+        positions = g.numel() // (g.shape[0] * g.shape[-1])
+    elif isinstance(mod, nn.Conv2d):
+        positions = g.numel() // (g.shape[0] * g.shape[1])
+    else:
+        return None
+    return positions * _max_abs(g) * max(_max_abs(a), 1.0)
