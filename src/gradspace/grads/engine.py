@@ -433,14 +433,12 @@ class GradientEngine:
                 out = self.model(x[i:i + 1])
                 t = None if target is None else target[i:i + 1]
                 gs = torch.autograd.grad(self._loss(out, t).sum(), params, allow_unused=True)
-                for j, gi in enumerate(gs):
-                    sink.add_one(i, j, gi)
-                sink.end_one(i)
+                sink.add_sample(i, gs)
                 logits.append(_full(out.detach()))
                 # free this sample's gradients and graph before the next forward, so that
                 # the allocator reuses their memory (else two samples' worth are alive and
                 # large blocks come back as fresh, page-faulting pages)
-                gs = gi = out = None
+                gs = out = None
         return torch.cat(logits) if logits else torch.zeros(0, 0, device=self.device)
 
 
@@ -471,15 +469,13 @@ class _FlatSink:
         if bound is not None and bound < self._limit:  # False for NaN
             self.verified.add(j)
 
-    def add_one(self, i, j, g):
-        o, k = self.offsets[j]
-        if g is None:
-            self.out[i, o:o + k].zero_()
-        else:
-            self.out[i, o:o + k].copy_(g.reshape(-1))
-
-    def end_one(self, i):
-        pass
+    def add_sample(self, i, gs):
+        """Sample i's gradients, one tensor (or None: unused) per parameter."""
+        for (o, k), g in zip(self.offsets, gs, strict=True):
+            if g is None:
+                self.out[i, o:o + k].zero_()
+            else:
+                self.out[i, o:o + k].copy_(g.reshape(-1))
 
 
 class _ReduceSink:
@@ -501,7 +497,6 @@ class _ReduceSink:
         T = len(engine.param_names)
         self.sums = {(s, p): torch.zeros(n, T, dtype=torch.float64, device=engine.device)
                      for s in self.shifts for p in self.powers}
-        self._row: dict = {key: [None] * T for key in self.sums}
 
     def _reduce(self, j, g2, owned=False):
         # shifted gradients first: with ``owned``, g2 itself is then overwritten by |g2|
@@ -525,16 +520,30 @@ class _ReduceSink:
         for key, v in self._reduce(j, g2, owned):
             self.sums[key][:, j] = v
 
-    def add_one(self, i, j, g):
-        if g is None:
-            o, k = self.engine._offsets[j]
-            g = torch.zeros(k, device=self.engine.device, dtype=self.engine.grad_dtype)
-        for key, v in self._reduce(j, _full(g).reshape(1, -1)):
-            self._row[key][j] = v
-
-    def end_one(self, i):
-        for key, parts in self._row.items():
-            self.sums[key][i] = torch.cat(parts)
+    def add_sample(self, i, gs):
+        """Sample i's gradients, one tensor (or None: unused) per parameter. Unshifted
+        L1 / L2 / max reductions of all tensors go through one multi-tensor kernel
+        (``torch._foreach_norm``, as ``clip_grad_norm_`` uses), without |g| temporaries."""
+        eng = self.engine
+        gs = [torch.zeros(k, device=eng.device, dtype=eng.grad_dtype) if g is None else _full(g)
+              for (_o, k), g in zip(eng._offsets, gs, strict=True)]
+        rest = []
+        for p in self.powers:
+            if p in (1.0, 2.0, INF) and hasattr(torch, "_foreach_norm"):
+                v = torch.stack(torch._foreach_norm(gs, p)).double()
+                self.sums[(None, p)][i] = v * v if p == 2.0 else v
+            else:
+                rest.append(p)
+        if rest or len(self.shifts) > 1:
+            for j, g in enumerate(gs):
+                g2 = g.reshape(1, -1)
+                for s in self.shifts:
+                    if s is None and not rest:
+                        continue
+                    gsh = g2 if s is None else g2 + self.views[s][j]
+                    for p, v in power_sums(gsh, rest if s is None else self.powers,
+                                           inplace=s is not None).items():
+                        self.sums[(s, p)][i, j] = v[0]
 
     def result(self, start: int, rows=None) -> GradReductions:
         s = self.sums[(None, self.check_p)]
