@@ -423,3 +423,20 @@ def test_finiteness_bound_skips_only_proven_parameters():
     verified = {eng.param_names[j] for j in sink.verified}
     assert verified == {n for n in eng.param_names if kind[n] in (nn.Conv2d, nn.Linear)}
     assert len(verified) == 8  # 6 convolution weights (no biases), head weight and bias
+
+
+def test_fp32_sums_of_large_tensors_are_accurate():
+    """Float32 per-tensor sums stay at float32 rounding for millions of entries (a naive
+    float32 accumulation, as in torch._foreach_norm on CPU, is off by ~1e-4 here)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    big = nn.Sequential(nn.Linear(2000, 1200), nn.Tanh(), nn.Linear(1200, 3)).eval()
+    x = torch.randn(3, 2000, generator=torch.Generator().manual_seed(1))
+    for strategy in ("loop", "hooks", "vmap"):
+        eng = GradientEngine(big, params="all", strategy=strategy, chunk_size=2)
+        g = eng.batch(x).double()
+        red = eng.reduce(x, NormReducer((1, 2, INF)))
+        for p in (1, 2, INF):
+            np_ref = ref_norms(g, p)
+            assert float(((red.norm(p) - np_ref).abs() / np_ref).max()) < 1e-6, (strategy, p)

@@ -521,19 +521,24 @@ class _ReduceSink:
             self.sums[key][:, j] = v
 
     def add_sample(self, i, gs):
-        """Sample i's gradients, one tensor (or None: unused) per parameter. Unshifted
-        L1 / L2 / max reductions of all tensors go through one multi-tensor kernel
-        (``torch._foreach_norm``, as ``clip_grad_norm_`` uses), without |g| temporaries."""
+        """Sample i's gradients, one tensor (or None: unused) per parameter.
+
+        Few kernels per tensor, one stack per power: |g|.sum() (PyTorch's cascade sum,
+        exact to ~1e-8 in float32; ``torch._foreach_norm`` and ``linalg.vector_norm``
+        accumulate float32 naively on CPU, 8e-5 relative error on a 2.4M-entry tensor)."""
         eng = self.engine
         gs = [torch.zeros(k, device=eng.device, dtype=eng.grad_dtype) if g is None else _full(g)
               for (_o, k), g in zip(eng._offsets, gs, strict=True)]
-        rest = []
-        for p in self.powers:
-            if p in (1.0, 2.0, INF) and hasattr(torch, "_foreach_norm"):
-                v = torch.stack(torch._foreach_norm(gs, p)).double()
-                self.sums[(None, p)][i] = v * v if p == 2.0 else v
+        simple = [p for p in self.powers if p in (1.0, 2.0, INF)]
+        for p in simple:
+            if p == 1.0:
+                v = torch.stack([g.abs().sum() for g in gs])
+            elif p == 2.0:
+                v = torch.stack([(g * g).sum() for g in gs])
             else:
-                rest.append(p)
+                v = torch.stack([g.abs().amax() if g.numel() else g.new_zeros(()) for g in gs])
+            self.sums[(None, p)][i] = v
+        rest = [p for p in self.powers if p not in simple]
         if rest or len(self.shifts) > 1:
             for j, g in enumerate(gs):
                 g2 = g.reshape(1, -1)
