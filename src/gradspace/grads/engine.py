@@ -40,17 +40,19 @@ Strategies (interchangeable; all exact up to floating-point rounding):
 3. on CPU: hooks when every selected layer has a per-sample rule (Linear, Conv2d,
    BatchNorm), whatever the size; otherwise vmap up to ``CPU_BATCHED_MAX_PARAMS``
    parameters and the loop beyond.
-   Measured with benchmarks/bench_grads.py --quick (2 CPU cores, 2 threads, torch 2.14;
-   best of 3 interleaved rounds; see benchmarks/README.md for the tables and loads):
-   all-parameter energy gradients reduced to L1 norms, CIFAR ResNet-18 (11.2M
-   parameters): naive batch-size-1 loop 23.4 samples/s, hooks 33.4/s reducing (1.43×)
-   and 29.3/s materializing into a reused buffer (1.25×), loop 26.7/s (1.14×), vmap
-   15.0/s (0.64×); demo CNN (103k): naive 473/s, hooks 1329/s (2.8×), vmap 1484/s (3.1×).
-   The hooks strategy used to lose on ResNet-18 (0.77×) only through memory traffic —
-   every layer's n×numel result, |g| temporaries and the flattened chunk were fresh
-   allocations above the C allocator's mmap threshold, page-faulting 45 MB per sample —
-   not through arithmetic: its per-sample weight-gradient GEMMs do the same work as the
-   loop's batch-1 backward, and its batched forward/backward is cheaper. vmap turns
+   Measured with benchmarks/bench_grads.py --quick (2 shared CPU cores, 2 threads,
+   torch 2.14, load average 0.9–1.8; best of 5 interleaved rounds, two runs; tables in
+   benchmarks/README.md), all-parameter energy gradients reduced to L1 norms, CIFAR
+   ResNet-18 (11.2M parameters), samples/s: naive batch-size-1 loop 27.3 / 28.0; hooks
+   reducing 35.0 / 34.9 (1.28× / 1.25×), materializing into a reused buffer 31.7 / 30.1
+   (1.16× / 1.08×), fresh N×P per ``batch()`` 23.4 / 24.7 (0.85× / 0.88×); loop reducing
+   26.7 / 27.4 (0.98×); vmap 16.6 / 16.3 (0.6×). Demo CNN (103k): naive 539 / 479, hooks
+   2.9× / 2.8× reducing, vmap 2.5× / 3.1×. The hooks strategy used to lose on ResNet-18
+   (0.77×) through memory traffic, not arithmetic — every layer's n×numel result, the
+   |g| temporaries and the flattened chunk were fresh allocations above the C
+   allocator's mmap threshold, page-faulting 45 MB per sample, and the finiteness check
+   read the whole chunk once more; its per-sample weight-gradient GEMMs do the work of
+   the loop's batch-1 backward, and its batched forward/backward is cheaper. vmap turns
    convolution-weight gradients into grouped convolutions, slow on CPU for wide layers.
 """
 
