@@ -21,7 +21,7 @@ STAGE_VERSIONS = {
     "prepare": 1,
     "model": 1,
     "extract": 1,
-    "gradients": 1,
+    "gradients": 2,  # 2: grad-scores norms from per-tensor reductions (float32 sums per tensor)
     "detectors": 1,
     "subspace": 1,
     "project": 1,
