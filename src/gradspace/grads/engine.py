@@ -413,7 +413,7 @@ class GradientEngine:
         need = n * self.max_tensor_numel
         if self._ws is None or self._ws.numel() < need:
             self._ws = None
-            self._ws = self._empty(max(need, self.chunk_len(True) * self.max_tensor_numel))
+            self._ws = self._empty(need)  # grows to the largest chunk seen, then stays
         return self._ws
 
     def _chunk_hooks(self, x, target, sink):
