@@ -220,6 +220,26 @@ def test_batch_into_caller_buffer():
                 eng.batch(x, out=bad)
 
 
+def test_batch_into_reused_engine_buffer():
+    """batch(reuse_buffer=True): the same values as a fresh batch, one storage from batch
+    to batch (grown once for a larger batch), shared with iter_chunks(reuse_buffer=True)."""
+    model = tiny_cnn()
+    x = _x((1, 8, 8), n=6)
+    for strategy in ("vmap", "hooks", "loop"):
+        eng = GradientEngine(model, params="all", strategy=strategy, chunk_size=4)
+        ref = eng.batch(x)
+        a = eng.batch(x[:4], reuse_buffer=True)
+        assert torch.allclose(a, ref[:4], rtol=1e-12, atol=1e-15)
+        ptr = a.data_ptr()
+        b = eng.batch(x[4:], reuse_buffer=True)  # smaller: same storage, first rows
+        assert b.data_ptr() == ptr and torch.allclose(b, ref[4:], rtol=1e-12, atol=1e-15)
+        c = eng.batch(x, reuse_buffer=True)  # larger: grown once
+        assert torch.allclose(c, ref, rtol=1e-12, atol=1e-15)
+        assert eng.batch(x[:3], reuse_buffer=True).data_ptr() == c.data_ptr()
+        (_, g), *_ = eng.iter_chunks([x], reuse_buffer=True)
+        assert g.data_ptr() == c.data_ptr()
+
+
 def test_auto_on_cpu_prefers_hooks_for_large_selections():
     """Past CPU_BATCHED_MAX_PARAMS: hooks when every layer has a rule, else the loop."""
     from torch import nn

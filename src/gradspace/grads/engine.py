@@ -137,7 +137,7 @@ class GradientEngine:
         self.strategy_used = self._choose(strategy)
         self._hook_plan = plan_hooks(model, self.selected) if self.strategy_used == "hooks" else None
         self._ws = None  # hooks' reusable per-sample weight-gradient workspace
-        self._buf = None  # iter_chunks(reuse_buffer=True)'s chunk buffer
+        self._buf = None  # the reuse_buffer=True gradient buffer (batch, iter_chunks)
         log.info("gradient engine: %d parameters (%s), loss %s, strategy %s on %s",
                  self.num_params, params, self.loss, self.strategy_used, self.device)
 
@@ -182,15 +182,21 @@ class GradientEngine:
         return max(1, min(self.chunk_size, self.max_chunk_bytes // per_bytes))
 
     def batch(self, x: torch.Tensor, target: torch.Tensor | None = None,
-              return_logits: bool = False, out: torch.Tensor | None = None):
+              return_logits: bool = False, out: torch.Tensor | None = None,
+              reuse_buffer: bool = False):
         """Per-sample gradients N×P (and the logits N×C when ``return_logits``).
 
         The result is written chunk by chunk into one N×P tensor (no per-chunk buffers,
         no concatenation): a new one that the caller owns, or ``out`` (a contiguous
         tensor of at least N rows, P columns and the engine's ``grad_dtype``; its first
-        N rows are returned), which callers can reuse from batch to batch."""
+        N rows are returned), which callers can reuse from batch to batch. With
+        ``reuse_buffer`` the engine's own buffer is used (grown when a batch is larger):
+        no fresh pages per batch, and the result is valid only until the engine's next
+        ``batch(reuse_buffer=True)`` or ``iter_chunks(reuse_buffer=True)``."""
         self._check_target(target)
         n = x.shape[0]
+        if reuse_buffer and out is None:
+            out = self._grad_buffer(n)
         if out is None:
             out = self._empty(n, self.num_params)
         else:
@@ -228,10 +234,7 @@ class GradientEngine:
             for start in range(0, x.shape[0], step):
                 stop = min(start + step, x.shape[0])
                 if reuse_buffer:
-                    if self._buf is None or self._buf.shape[0] < step:
-                        self._buf = None
-                        self._buf = self._empty(step, self.num_params)
-                    g = self._buf[:stop - start]
+                    g = self._grad_buffer(step)[:stop - start]
                 else:
                     g = self._empty(stop - start, self.num_params)
                 sink = _FlatSink(g, self)
@@ -276,6 +279,13 @@ class GradientEngine:
                 yield rows[start:stop], sink.result(start, rows[start:stop])
 
     # -- internals -------------------------------------------------------------------
+    def _grad_buffer(self, n: int) -> torch.Tensor:
+        """The engine's reusable N×P gradient buffer, at least n rows (first n returned)."""
+        if self._buf is None or self._buf.shape[0] < n:
+            self._buf = None  # free the old one before allocating the larger one
+            self._buf = self._empty(n, self.num_params)
+        return self._buf[:n]
+
     def _empty(self, *shape) -> torch.Tensor:
         # (Tried: madvise(MADV_HUGEPAGE) on large fresh buffers. Filling a lone 360 MB
         # buffer got 3x faster, but batch() on ResNet-18 got 1.5-2x slower, so 4 KiB pages.)

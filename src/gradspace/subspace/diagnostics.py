@@ -154,7 +154,8 @@ def sampled_chunks(op, batches, rows_wanted: np.ndarray):
         if not keep.any():
             continue
         g = op.gradients(x[torch.as_tensor(keep, device=x.device)])
-        yield g.cpu().numpy(), np.asarray(y.cpu() if hasattr(y, "cpu") else y)[keep], rows[keep]
+        # a copy: G is the operator's reused buffer, overwritten by the next batch
+        yield g.cpu().numpy().copy(), np.asarray(y.cpu() if hasattr(y, "cpu") else y)[keep], rows[keep]
 
 
 def _unit32(a) -> np.ndarray:

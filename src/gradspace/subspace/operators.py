@@ -189,14 +189,17 @@ class PerSampleOperator(_Base):
         return self._full_ms
 
     def gradients(self, x, timer=None) -> torch.Tensor:
-        """Normalized gradients G (N×P) for a batch; the last batch is cached for gv→gtu."""
+        """Normalized gradients G (N×P) for a batch; the last batch is cached for gv→gtu.
+
+        G lives in the engine's reused buffer (no fresh pages per batch): it is valid
+        until the next call with another batch; copy it to keep it."""
         if self._cache is not None and self._cache[0] is x:
             return self._cache[1]
         if timer is not None:
             with timer("gradient", self.device):
-                g = self.engine.batch(x)
+                g = self.engine.batch(x, reuse_buffer=True)
         else:
-            g = self.engine.batch(x)
+            g = self.engine.batch(x, reuse_buffer=True)
         g = g.to(self.device, torch.float32)
         if self.stats is not None:
             m, s = self._local_norm()

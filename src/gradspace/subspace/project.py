@@ -33,7 +33,7 @@ def project_batches(op, batches, V: dict, timer, device=None):
         x = x.to(op.device)
         if isinstance(op, PerSampleOperator):
             with timer("gradient", device):
-                g = op.engine.batch(x)
+                g = op.engine.batch(x, reuse_buffer=True)  # consumed in this batch
             with timer("projection", device):
                 g = g.to(op.device, torch.float32)
                 red, gn = 0.0, 0.0

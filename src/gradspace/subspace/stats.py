@@ -99,9 +99,9 @@ def accumulate_moments(engine, batches, layout: ParamLayout, device=None, timer=
         x = batch[0]
         if timer is not None:
             with timer("gradient", device):
-                g = engine.batch(x)
+                g = engine.batch(x, reuse_buffer=True)  # consumed below, before the next batch
         else:
-            g = engine.batch(x)
+            g = engine.batch(x, reuse_buffer=True)
         if g.shape[1] != P:
             raise ConfigError(f"gradient engine returned {g.shape[1]} columns, layout has {P} parameters")
         g = g.to(torch.float64)
