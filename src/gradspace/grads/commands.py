@@ -303,6 +303,7 @@ def run_grad_scores(model_path, data_dir, shard, params: dict | None, out, ref_d
     import torch
 
     from ..data.loader import iter_batches, num_samples
+    from ..data.manifest import shard_layout
     from ..models import load_model
     from ..runtime import Timer, hardware_description, resolve_device
     from ..store import ShardWriter
@@ -322,7 +323,7 @@ def run_grad_scores(model_path, data_dir, shard, params: dict | None, out, ref_d
     t0 = time.perf_counter()
     attrs = {"kind": "grad-scores", "params": {k: v for k, v in p.items()}, "model": str(model_path),
              "data_dir": str(data_dir), "shard": shard}
-    with ShardWriter(out, n_rows=n, attrs=attrs) as w:
+    with ShardWriter(out, n_rows=n, attrs=attrs, layout=shard_layout(data_dir, shard)) as w:
         for name in p["scores"]:
             w.create(name, (n,), "float64")
         w.create("index", (n,), "int64")
