@@ -28,10 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def verify_command(root, full: bool = True, remove: bool = False, quarantine=None,
-                   out=sys.stdout) -> int:
-    """Check every store under ``root``; returns the exit status (0: none left broken)."""
+                   out=None) -> int:
+    """Check every store under ``root``; returns the exit status (0: none left broken).
+    ``out``: where the report goes (the current ``sys.stdout`` when None)."""
     from .store import find_stores, verify_stores
 
+    out = sys.stdout if out is None else out
     root = Path(root)
     if not root.is_dir():
         raise StoreError(f"{root} is not a directory (give results/<experiment>)")
