@@ -200,7 +200,8 @@ def test_batchgrad_against_autograd(data, bias):
         for y in range(C):
             g = grad_of(log_p(Wt @ torch.tensor(h[n]) + bt, y) + ref_total)
             brute[n] += prob[n, y] * float(g.abs().sum())
-    np.testing.assert_allclose(det.score(data), brute, rtol=1e-10)
+    # Y ~ p as in ExGrad: larger for OOD, so the detector returns −S (higher = more ID)
+    np.testing.assert_allclose(det.score(data), -brute, rtol=1e-10)
 
 
 # -- GROOD -------------------------------------------------------------------------------------
@@ -384,7 +385,8 @@ def test_grad_scorer_last_layer_equals_closed_form_detectors():
         np.testing.assert_allclose(out[key], build_detector("igoe_grad", hp).score(emb), rtol=1e-10)
     assert np.abs(out["nep"]).max() < 1e-12
     B = lastlayer.batchgrad_reference(ref_emb["features"], ref_emb["logits"], np.arange(4))
-    np.testing.assert_allclose(out["bg"], lastlayer.batchgrad(emb["features"], emb["logits"], B), rtol=1e-10)
+    np.testing.assert_allclose(out["bg"], -lastlayer.batchgrad(emb["features"], emb["logits"], B),
+                               rtol=1e-10)
 
 
 def test_grad_scorer_all_params_matches_naive_loop():

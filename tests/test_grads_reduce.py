@@ -302,7 +302,7 @@ def materialized_scores(model, p, x, ref):
         if s["kind"] == "gradnorm":
             out[name] = nrm(g_kl, s["p"]) if s["target"] == "uniform" else -nrm(g_oh, s["p"])
         elif s["kind"] == "batchgrad":
-            out[name] = sum(prob[:, y] * nrm(g_y[y] + ref_grad, "l1") for y in range(C))
+            out[name] = orientation("pred") * sum(prob[:, y] * nrm(g_y[y] + ref_grad, "l1") for y in range(C))
         elif s["order"] == "norm_exp":
             out[name] = orientation(s["dist"]) * nrm(g_kl, s["norm"])
         elif s["samples"] is not None:
@@ -346,7 +346,7 @@ def test_grad_scores_unchanged_by_reduction_path(strategy, params, monkeypatch):
     for name in ALL_SCORES:
         assert got[name].dtype == np.float64 and got[name].shape == (7,)
         np.testing.assert_allclose(got[name], want[name], rtol=1e-10, atol=0, err_msg=name)
-    assert np.all(got["gn1"] > 0) and np.all(got["gnoh"] < 0) and np.all(got["bg"] > 0)
+    assert np.all(got["gn1"] > 0) and np.all(got["gnoh"] < 0) and np.all(got["bg"] < 0)  # −BatchGrad
 
 
 def test_grad_scores_fp32_within_float32_rounding():

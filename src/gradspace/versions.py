@@ -21,8 +21,8 @@ STAGE_VERSIONS = {
     "prepare": 1,
     "model": 1,
     "extract": 1,
-    "gradients": 2,  # 2: grad-scores norms from per-tensor reductions (float32 sums per tensor)
-    "detectors": 1,
+    "gradients": 3,  # 2: norms from per-tensor reductions; 3: deep BatchGrad oriented as −S
+    "detectors": 2,  # 2: shallow BatchGrad oriented as −S (labels drawn from p, like ExGrad)
     "subspace": 1,
     "project": 1,
     "evaluate": 1,

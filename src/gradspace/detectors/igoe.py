@@ -23,6 +23,7 @@ Registered detectors and hyperparameters (defaults in brackets):
 - ``batchgrad``: shallow BatchGrad, eq. 6,
   S(x) = E_{Y~p}[‖∇_W(log p^(Y)(x) + Σ_i log p^(y_i)(x_i^ID))‖₁], one ID-train point per
   class i (chosen at fit time by a seeded hash of the sample position, ``seed`` [0]).
+  Labels drawn from p as in ExGrad, so larger for OOD inputs: the detector returns −S.
   ``temperature`` [1], ``bias`` [false].
 
 Deep (all-parameter / block) variants need a model pass: ``gradspace grad-scores``.
@@ -182,5 +183,5 @@ class BatchGrad(Detector):
         if "reference" not in self.state:
             raise ConfigError(f"detector '{self.method}' is not fitted")
         feats, logits = features_logits(emb, self.method)
-        return lastlayer.batchgrad(feats, logits, self.state["reference"],
-                                   self.hparams["temperature"], self.hparams["bias"])
+        return orientation("pred") * lastlayer.batchgrad(feats, logits, self.state["reference"],
+                                                         self.hparams["temperature"], self.hparams["bias"])

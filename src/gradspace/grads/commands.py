@@ -267,6 +267,8 @@ class GradScorer:
         for name, s in self.scores.items():  # store "higher = more ID", like the detectors
             if s["kind"] == "igoe" and name in out:
                 out[name] = orientation(s["dist"]) * out[name]
+            elif s["kind"] == "batchgrad":  # Y ~ p, like ExGrad: larger for OOD inputs
+                out[name] = orientation("pred") * out[name]
         for name, v in out.items():
             if not np.all(np.isfinite(v)):
                 bad = int(np.flatnonzero(~np.isfinite(v))[0])
