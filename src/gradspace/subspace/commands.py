@@ -201,6 +201,20 @@ def _job_blocks(layout, a):
     return layout.select_blocks(getattr(a, "blocks", None), getattr(a, "block_group", None) or None)
 
 
+def _iteration_job(a, command):
+    """What a PCA-iteration job (pca-partial, pca-gv) starts from: options, device, model,
+    statistics, the basis V_t (group, attrs, layout), iteration t and the job's blocks."""
+    from .power import read_basis
+
+    o = _opts(a.params, {"method": "jvp_vjp"}, command)
+    dev = _device(o)
+    model, _ = _model(a.model, dev)
+    stats = _load_stats(a.stats)
+    group, battrs, layout = read_basis(a.basis, "basis")
+    layout.same_as(stats.layout, f"{a.basis} vs. {a.stats}")
+    return o, dev, model, stats, group, layout, int(battrs["iteration"]), _job_blocks(layout, a)
+
+
 def cmd_pca_partial(a):
     from ..runtime import Timer, paused_iter
     from .power import (
@@ -208,18 +222,10 @@ def cmd_pca_partial(a):
         load_gv,
         partial_products,
         partial_products_from_gv,
-        read_basis,
         write_partial,
     )
 
-    o = _opts(a.params, {"method": "jvp_vjp"}, "pca-partial")
-    dev = _device(o)
-    model, _ = _model(a.model, dev)
-    stats = _load_stats(a.stats)
-    group, battrs, layout = read_basis(a.basis, "basis")
-    layout.same_as(stats.layout, f"{a.basis} vs. {a.stats}")
-    it = int(battrs["iteration"])
-    blocks = _job_blocks(layout, a)
+    o, dev, model, stats, group, layout, it, blocks = _iteration_job(a, "pca-partial")
     # phase 2 of a block-group job needs only its own blocks' gradients; a one-phase job
     # needs every block for G·V
     op = _operator(o["method"], model, stats, o, dev, blocks if a.gv else None)
@@ -239,16 +245,9 @@ def cmd_pca_partial(a):
 
 def cmd_pca_gv(a):
     from ..runtime import Timer, paused_iter
-    from .power import gv_products, load_basis_tensors, read_basis, write_gv
+    from .power import gv_products, load_basis_tensors, write_gv
 
-    o = _opts(a.params, {"method": "jvp_vjp"}, "pca-gv")
-    dev = _device(o)
-    model, _ = _model(a.model, dev)
-    stats = _load_stats(a.stats)
-    group, battrs, layout = read_basis(a.basis, "basis")
-    layout.same_as(stats.layout, f"{a.basis} vs. {a.stats}")
-    it = int(battrs["iteration"])
-    blocks = _job_blocks(layout, a)
+    o, dev, model, stats, group, layout, it, blocks = _iteration_job(a, "pca-gv")
     op = _operator(o["method"], model, stats, o, dev, blocks)
     V = load_basis_tensors(group, layout, dev, a.basis, blocks)
     timer = Timer()
