@@ -12,10 +12,10 @@ memory (``GRADSPACE_PAUSE_ALLOC_MB``) or time (``GRADSPACE_PAUSE_SECONDS``):
 * memory: ``mem_mb = 2000 * attempt``, the job holds 2500 MB -> attempt 1 is killed by
   slurmstepd ("exceeded memory limit"; SLURM 22.05 without cgroups reports the job as
   FAILED, newer versions / task/cgroup as OUT_OF_MEMORY), attempt 2 (4000 MB) finishes;
-* time: ``runtime = 2 * attempt - 1`` minutes, the job sleeps 70 s -> attempt 1 ends in
-  state TIMEOUT (TimeLimit 1 min), attempt 2 (3 min) finishes.
+* time: ``runtime = 4 * attempt - 3`` minutes, the job sleeps 150 s -> attempt 1 ends in
+  state TIMEOUT (TimeLimit 1 min), attempt 2 (5 min) finishes.
 
-Both runs go concurrently in two directories (the time limit costs about 1.5 minutes).
+Both runs go concurrently in two directories (the time run takes about 4 minutes).
 """
 
 from __future__ import annotations
@@ -92,8 +92,11 @@ def test_jobs_killed_for_memory_or_time_are_retried_with_more(tmp_path):
     runs = {
         "memory": _start(mem_dir, ["prepare:mem_mb=2000*attempt", "prepare:runtime=10*attempt"],
                          GRADSPACE_PAUSE_ALLOC_MB="2500", GRADSPACE_PAUSE_SECONDS="5"),
-        "time": _start(time_dir, ["prepare:mem_mb=2000*attempt", "prepare:runtime=2*attempt-1"],
-                       GRADSPACE_PAUSE_SECONDS="70"),
+        # slurmctld enforces time limits in periodic passes, not at the limit itself: a
+        # 1-minute job that slept 70 s once finished (77 s) before a pass killed it. So
+        # attempt 1 sleeps 150 s, well past the next pass; attempt 2 (5 minutes) has room
+        "time": _start(time_dir, ["prepare:mem_mb=2000*attempt", "prepare:runtime=4*attempt-3"],
+                       GRADSPACE_PAUSE_SECONDS="150"),
     }
     for name, proc in runs.items():
         try:
@@ -110,11 +113,16 @@ def test_jobs_killed_for_memory_or_time_are_retried_with_more(tmp_path):
         assert (work / TARGET / "info.json").exists()
         assert len((work / "attempts").read_text().splitlines()) == 2  # two attempts reached the job
         log = (work / "snakemake.log").read_text()
-        # Snakemake reported the failure and resubmitted with the second attempt's resources
-        assert "Trying to restart job" in log, log[-4000:]
-        assert re.findall(r"resources: .*mem_mb=(\d+)", log) == ["2000", "4000"], log[-4000:]
-        runtimes = re.findall(r"resources: .*runtime=(\d+)", log)
-        assert runtimes == (["10", "20"] if work == mem_dir else ["1", "3"]), log[-4000:]
+        # Snakemake reported the failure and resubmitted with the second attempt's resources.
+        # The job's resources are printed at submission and again where the failed job's log
+        # is shown (show-failed-logs, as many times as it got to print them): every mention
+        # before the restart has attempt 1's values, every one after it attempt 2's.
+        assert log.count("Trying to restart job") == 1, log[-4000:]
+        before, after = log.split("Trying to restart job")
+        mem = [set(re.findall(r"resources: .*mem_mb=(\d+)", part)) for part in (before, after)]
+        assert mem == [{"2000"}, {"4000"}], log[-4000:]
+        runtimes = [set(re.findall(r"resources: .*runtime=(\d+)", part)) for part in (before, after)]
+        assert runtimes == ([{"10"}, {"20"}] if work == mem_dir else [{"1"}, {"5"}]), log[-4000:]
 
     first, second = _attempts(mem_dir)
     assert first[1]["JobState"] in ("OUT_OF_MEMORY", "FAILED"), first[1]
@@ -125,6 +133,6 @@ def test_jobs_killed_for_memory_or_time_are_retried_with_more(tmp_path):
     first, second = _attempts(time_dir)
     assert first[1]["JobState"] == "TIMEOUT", first[1]
     assert "DUE TO TIME LIMIT" in first[2], first[2][-2000:]
-    assert first[1]["TimeLimit"] == "00:01:00" and second[1]["TimeLimit"] == "00:03:00"
+    assert first[1]["TimeLimit"] == "00:01:00" and second[1]["TimeLimit"] == "00:05:00"
     assert second[1]["JobState"] == "COMPLETED", second[1]
     print(f"memory and time retries finished in {elapsed:.0f}s")
