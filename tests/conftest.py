@@ -70,3 +70,20 @@ def _one_thread():
     except ImportError:  # pragma: no cover
         pass
     yield
+
+
+def incomplete_outputs(workdir, prefix: str) -> set[str]:
+    """Outputs (relative to ``prefix``, e.g. "results/tiny/") that Snakemake's metadata
+    marks incomplete: jobs that were running when Snakemake died, redone on the next run
+    even when they had renamed a complete store into place just before the kill."""
+    import base64
+
+    out = set()
+    for f in (Path(workdir) / ".snakemake" / "incomplete").glob("*"):
+        try:
+            path = base64.urlsafe_b64decode(f.name.encode()).decode()
+        except ValueError:
+            continue
+        if path:
+            out.add(path.removeprefix(prefix))
+    return out

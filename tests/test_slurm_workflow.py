@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BIN, REPO, run_snakemake, snakemake_cmd
+from conftest import BIN, REPO, incomplete_outputs, run_snakemake, snakemake_cmd
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -58,21 +58,6 @@ def snapshot(results: Path) -> dict:
     return {str(p.relative_to(results)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
             for p in sorted(results.rglob("*"))
             if p.is_file() and ".tmp-" not in str(p) and "benchmarks" not in p.parts}
-
-
-def incomplete_outputs(workdir) -> set[str]:
-    """Outputs (relative to results/micro) that Snakemake's metadata marks incomplete."""
-    import base64
-
-    out = set()
-    for f in (workdir / ".snakemake" / "incomplete").glob("*"):
-        try:
-            path = base64.urlsafe_b64decode(f.name.encode()).decode()
-        except ValueError:
-            continue
-        if path:
-            out.add(path.removeprefix("results/micro/"))
-    return out
 
 
 def our_slurm_jobs(workdir):
@@ -128,7 +113,7 @@ def test_interrupted_slurm_run_resumes(tmp_path, local_reference):
         time.sleep(1)
     # what survived is finished work, except outputs Snakemake itself marked incomplete
     # (a job cancelled after writing its output but before reporting success)
-    incomplete = incomplete_outputs(work)
+    incomplete = incomplete_outputs(work, "results/micro/")
     finished = {k: v for k, v in snapshot(results).items()
                 if not any(k.startswith(i) for i in incomplete)}
     assert "model/model.pt" in finished
