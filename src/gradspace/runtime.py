@@ -108,3 +108,22 @@ def paused_iter(name: str, iterable):
         yield item
         if i == 0:
             pause_point(name)
+
+
+def progress(name: str, batches, total: int | None):
+    """Yield the batches (x, ...) of a model-running job, logging samples done / total,
+    samples/s and the ETA to stderr (the job log) at a bounded rate: every 30 s when the log
+    is a file (a SLURM log under ``tail -f``), every second on a terminal."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=name, unit="sample", unit_scale=True, file=sys.stderr,
+               mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=False,
+               ascii=not sys.stderr.isatty())
+    try:
+        for batch in batches:
+            yield batch
+            bar.update(int(batch[0].shape[0]))
+    finally:
+        bar.close()

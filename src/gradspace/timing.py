@@ -28,11 +28,11 @@ log = logging.getLogger(__name__)
 
 SUBSPACE_RULES = {
     "stats": ("gradstats_partial", "gradstats_reduce"),
-    "pca": ("pca_init", "pca_partial", "pca_gv_block", "pca_partial_block", "pca_reduce", "pca_finalize"),
+    "pca": ("pca_init", "pca_pass", "pca_gv", "pca_pass_block", "pca_reduce", "pca_lift", "pca_finalize"),
     "ag": ("ag_partial", "ag_reduce"),
 }
 # the per-shard rules of each stage run in parallel; the others are sequential steps
-PARALLEL_RULES = {"gradstats_partial", "pca_partial", "pca_gv_block", "pca_partial_block", "ag_partial"}
+PARALLEL_RULES = {"gradstats_partial", "pca_pass", "pca_gv", "pca_pass_block", "pca_lift", "ag_partial"}
 
 
 def read_benchmarks(bench_dir: str | os.PathLike) -> dict[str, list[tuple[str, float]]]:
@@ -57,9 +57,9 @@ def _critical_path(jobs_by_rule: dict[str, list[tuple[str, float]]], rules) -> f
         jobs = jobs_by_rule.get(rule, [])
         if rule in PARALLEL_RULES:
             steps: dict[str, float] = defaultdict(float)
-            for name, s in jobs:  # group by iteration (pca_partial/iter-003/shard-1,
-                # pca_gv_block/iter-003/group-0/shard-1: block groups run in parallel too)
-                step = re.sub(r"(/group-[^/]+)?/shard-\d+$", "", name)
+            for name, s in jobs:  # group by pass (pca_pass/pass-003/part-1,
+                # pca_gv/pass-003/group-0/part-1: block groups run in parallel too)
+                step = re.sub(r"(/group-[^/]+)?/(shard|part)-\d+$", "", name)
                 steps[step] = max(steps[step], s)
             total += sum(steps.values())
         else:

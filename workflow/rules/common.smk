@@ -214,16 +214,73 @@ def block_group_arg(group):
     return jarg({"groups": BLOCK_JOBS, "group": group})
 
 
-def pca_partials(it):
-    shards = range(n_shards("id_train"))
+# -- PCA data passes ----------------------------------------------------------------------
+PCA = f"{R}/subspace/pca"
+
+
+def _data_parts():
+    """subspace.data_parts contiguous sets of ID-train shards (one job per set and pass)."""
+    S = n_shards("id_train")
+    n = min(int(SUB["data_parts"]), S)
+    return [list(range(i * S // n, (i + 1) * S // n)) for i in range(n)]
+
+DATA_PARTS = _data_parts()
+DATA_PARTS_IDS = [str(i) for i in range(len(DATA_PARTS))]
+LIFT_GROUPS = BLOCK_GROUPS if SPLIT_BLOCKS else ["all"]
+
+
+def part_shards(part):
+    return " ".join(str(int(s)) for s in DATA_PARTS[int(part)])
+
+
+def pca_basis(it):
+    t = int(it)
+    return f"{PCA}/V-init.zarr" if t == 0 else f"{PCA}/pass-{t - 1:03d}/V-next.zarr"
+
+
+def pca_krylov(t):
+    return f"{PCA}/krylov/pass-{int(t):03d}.zarr"
+
+
+def pca_pass_parts(it):
+    t = int(it)
     if SPLIT_BLOCKS:
-        return [f"{R}/subspace/pca/iter-{it:03d}/group-{g}/shard-{k}.zarr" for k in shards for g in BLOCK_GROUPS]
-    return [f"{R}/subspace/pca/iter-{it:03d}/shard-{k}.zarr" for k in shards]
+        return [f"{PCA}/pass-{t:03d}/group-{g}/part-{w}.zarr" for w in DATA_PARTS_IDS for g in BLOCK_GROUPS]
+    return [f"{PCA}/pass-{t:03d}/part-{w}.zarr" for w in DATA_PARTS_IDS]
+
+
+def pca_all_gv_parts(it):
+    t = int(it)
+    if not SPLIT_BLOCKS:
+        return []
+    return [f"{PCA}/pass-{t:03d}/gv/group-{g}/part-{w}.zarr" for w in DATA_PARTS_IDS for g in BLOCK_GROUPS]
 
 
 def pca_gv_parts(wc):
-    """The G_g·V_g parts of every block group for one (iteration, shard)."""
-    return [f"{R}/subspace/pca/iter-{wc.it}/gv/group-{g}/shard-{wc.shard}.zarr" for g in BLOCK_GROUPS]
+    """The G_g·V_g parts of every block group for one (pass, data part)."""
+    return [f"{PCA}/pass-{wc.it}/gv/group-{g}/part-{wc.part}.zarr" for g in BLOCK_GROUPS]
+
+
+def _max_residual(path):
+    with open(path) as fh:
+        r = json.load(fh).get("max_residual")
+    return float("inf") if r is None else float(r)
+
+
+def pca_final_pass():
+    """The pass whose Rayleigh–Ritz gives the PCA subspace: subspace.iterations (a fixed
+    number of Krylov blocks), or with `auto` the first pass t >= 1 whose largest top-k
+    residual meets subspace.tol, at most max_iterations (checkpoint: each pass's diagnostics
+    decide whether the next pass is needed)."""
+    its = SUB["iterations"]
+    if its != "auto":
+        return int(its)
+    last = int(SUB["max_iterations"])
+    for t in range(1, last + 1):
+        diag = checkpoints.pca_reduce.get(it=f"{t:03d}").output.diagnostics
+        if _max_residual(diag) <= float(SUB["tol"]):
+            return t
+    return last
 
 
 def reduced_parts(wc):
@@ -308,8 +365,7 @@ def report_extra_inputs():
     if not SPACES:
         return []
     return ([f"{R}/timing", f"{R}/diagnostics/gradient"] + [f"{R}/diagnostics/{sp}" for sp in SPACES]
-            + [f"{R}/subspace/pca/diagnostics/iter-{t:03d}.json" for t in range(1, SUB["iterations"] + 1)
-               if "pca" in SPACES])
+            + ([f"{R}/subspace/pca/subspace.zarr"] if "pca" in SPACES else []))
 
 
 def report_sections():

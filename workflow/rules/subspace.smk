@@ -101,11 +101,19 @@ rule ag_reduce:
         "--out {output} > {log} 2>&1"
 
 
+# PCA by block Krylov Rayleigh–Ritz, unrolled into data passes t = 0, 1, …: every pass
+# runs one job per data part (subspace.data_parts sets of ID-train shards; one job passes
+# over all shards of its part), then the checkpoint pca_reduce writes V_{t+1}, the small
+# Krylov record of pass t (sample-space images G·V_t, N×K') and its diagnostics. With
+# subspace.iterations: auto the finalize inputs ask for one more pass until the largest
+# residual of the top-k Ritz pairs meets subspace.tol (or max_iterations). Bases and pass
+# parts are temp(): each is deleted as soon as the jobs that read it are done, so the disk
+# in use holds at most V_t, the parts of one pass and V_{t+1}, whatever the shard count.
 rule pca_init:
     input:
         STATS,
     output:
-        directory(f"{R}/subspace/pca/V-000.zarr"),
+        temp(directory(f"{PCA}/V-init.zarr")),
     params:
         code=code_version("subspace"),
         spec=jarg(pca_init_params()),
@@ -122,59 +130,61 @@ rule pca_init:
         "gradspace pca-init --stats {input} --params {params.spec} --out {output} > {log} 2>&1"
 
 
-rule pca_partial:
-    input:
-        model=MODEL,
-        data=f"{R}/data/id_train",
-        stats=STATS,
-        basis=f"{R}/subspace/pca/V-{{it}}.zarr",
-    output:
-        directory(f"{R}/subspace/pca/iter-{{it}}/shard-{{shard}}.zarr"),
-    params:
-        code=code_version("subspace"),
-        spec=jarg({**subspace_grad_params(), "method": config["subspace"]["method"]}),
-    log:
-        f"{LOGS}/subspace/pca_partial/iter-{{it}}/shard-{{shard}}.log",
-    benchmark:
-        f"{BENCH}/pca_partial/iter-{{it}}/shard-{{shard}}.tsv"
-    threads: THREADS
-    resources:
-        mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 120 * attempt,
-    conda:
-        "../../envs/gradspace.yaml"
-    shell:
-        "GRADSPACE_THREADS={threads} gradspace pca-partial --model {input.model} --data-dir {input.data} "
-        "--stats {input.stats} --basis {input.basis} --shard {wildcards.shard} --params {params.spec} "
-        "--out {output} > {log} 2>&1"
+if not SPLIT_BLOCKS:
 
-
-if SPLIT_BLOCKS:
-
-    # subspace.block_jobs > 1: each pca_partial above becomes two jobs per (shard, block
-    # group). G·V = Σ_g G_g V_g, so pca_gv_block computes the part of its group with only
-    # that group's rows of V_t on the device; pca_partial_block sums the parts of all
-    # groups to G·V_t and computes G_bᵀ(G·V_t) for its group's blocks (no V needed). The
-    # mean correction G_b = (∇_b E − m_b) s_b is blockwise, so the split is exact; pca_reduce
-    # and pca_finalize sum the (shard, group) partials block by block.
-    rule pca_gv_block:
+    rule pca_pass:
         input:
             model=MODEL,
             data=f"{R}/data/id_train",
             stats=STATS,
-            basis=f"{R}/subspace/pca/V-{{it}}.zarr",
+            basis=lambda wc: pca_basis(wc.it),
         output:
-            directory(f"{R}/subspace/pca/iter-{{it}}/gv/group-{{group}}/shard-{{shard}}.zarr"),
+            temp(directory(f"{PCA}/pass-{{it}}/part-{{part}}.zarr")),
+        params:
+            code=code_version("subspace"),
+            spec=jarg({**subspace_grad_params(), "method": SUB["method"]}),
+            shards=lambda wc: part_shards(wc.part),
+        log:
+            f"{LOGS}/subspace/pca_pass/pass-{{it}}/part-{{part}}.log",
+        benchmark:
+            f"{BENCH}/pca_pass/pass-{{it}}/part-{{part}}.tsv"
+        threads: THREADS
+        resources:
+            mem_mb=lambda wc, attempt: 16000 * attempt,
+            runtime=lambda wc, attempt: 120 * attempt,
+        conda:
+            "../../envs/gradspace.yaml"
+        shell:
+            "GRADSPACE_THREADS={threads} gradspace pca-pass --model {input.model} --data-dir {input.data} "
+            "--stats {input.stats} --basis {input.basis} --shards {params.shards} --params {params.spec} "
+            "--out {output} > {log} 2>&1"
+
+else:
+
+    # subspace.block_jobs > 1: each pass job becomes two per (data part, block group).
+    # G·V = Σ_g G_g V_g, so pca_gv computes the part of its group with only that group's
+    # rows of V_t on the device; pca_pass_block sums the parts of all groups to G·V_t and
+    # computes G_bᵀ(G·V_t) for its group's blocks (no V needed). The mean correction
+    # G_b = (∇_b E − m_b) s_b is blockwise, so the split is exact.
+    rule pca_gv:
+        input:
+            model=MODEL,
+            data=f"{R}/data/id_train",
+            stats=STATS,
+            basis=lambda wc: pca_basis(wc.it),
+        output:
+            temp(directory(f"{PCA}/pass-{{it}}/gv/group-{{group}}/part-{{part}}.zarr")),
         wildcard_constraints:
             group="|".join(BLOCK_GROUPS),
         params:
             code=code_version("subspace"),
-            spec=jarg({**subspace_grad_params(), "method": config["subspace"]["method"]}),
+            spec=jarg({**subspace_grad_params(), "method": SUB["method"]}),
             group=lambda wc: block_group_arg(wc.group),
+            shards=lambda wc: part_shards(wc.part),
         log:
-            f"{LOGS}/subspace/pca_gv_block/iter-{{it}}/group-{{group}}/shard-{{shard}}.log",
+            f"{LOGS}/subspace/pca_gv/pass-{{it}}/group-{{group}}/part-{{part}}.log",
         benchmark:
-            f"{BENCH}/pca_gv_block/iter-{{it}}/group-{{group}}/shard-{{shard}}.tsv"
+            f"{BENCH}/pca_gv/pass-{{it}}/group-{{group}}/part-{{part}}.tsv"
         threads: THREADS
         resources:
             mem_mb=lambda wc, attempt: 16000 * attempt,
@@ -183,28 +193,29 @@ if SPLIT_BLOCKS:
             "../../envs/gradspace.yaml"
         shell:
             "GRADSPACE_THREADS={threads} gradspace pca-gv --model {input.model} --data-dir {input.data} "
-            "--stats {input.stats} --basis {input.basis} --shard {wildcards.shard} "
+            "--stats {input.stats} --basis {input.basis} --shards {params.shards} "
             "--block-group {params.group} --params {params.spec} --out {output} > {log} 2>&1"
 
-    rule pca_partial_block:
+    rule pca_pass_block:
         input:
             model=MODEL,
             data=f"{R}/data/id_train",
             stats=STATS,
-            basis=f"{R}/subspace/pca/V-{{it}}.zarr",
+            basis=lambda wc: pca_basis(wc.it),
             gv=pca_gv_parts,
         output:
-            directory(f"{R}/subspace/pca/iter-{{it}}/group-{{group}}/shard-{{shard}}.zarr"),
+            temp(directory(f"{PCA}/pass-{{it}}/group-{{group}}/part-{{part}}.zarr")),
         wildcard_constraints:
             group="|".join(BLOCK_GROUPS),
         params:
             code=code_version("subspace"),
-            spec=jarg({**subspace_grad_params(), "method": config["subspace"]["method"]}),
+            spec=jarg({**subspace_grad_params(), "method": SUB["method"]}),
             group=lambda wc: block_group_arg(wc.group),
+            shards=lambda wc: part_shards(wc.part),
         log:
-            f"{LOGS}/subspace/pca_partial_block/iter-{{it}}/group-{{group}}/shard-{{shard}}.log",
+            f"{LOGS}/subspace/pca_pass_block/pass-{{it}}/group-{{group}}/part-{{part}}.log",
         benchmark:
-            f"{BENCH}/pca_partial_block/iter-{{it}}/group-{{group}}/shard-{{shard}}.tsv"
+            f"{BENCH}/pca_pass_block/pass-{{it}}/group-{{group}}/part-{{part}}.tsv"
         threads: THREADS
         resources:
             mem_mb=lambda wc, attempt: 16000 * attempt,
@@ -212,47 +223,83 @@ if SPLIT_BLOCKS:
         conda:
             "../../envs/gradspace.yaml"
         shell:
-            "GRADSPACE_THREADS={threads} gradspace pca-partial --model {input.model} --data-dir {input.data} "
-            "--stats {input.stats} --basis {input.basis} --shard {wildcards.shard} --gv {input.gv} "
+            "GRADSPACE_THREADS={threads} gradspace pca-pass --model {input.model} --data-dir {input.data} "
+            "--stats {input.stats} --basis {input.basis} --shards {params.shards} --gv {input.gv} "
             "--block-group {params.group} --params {params.spec} --out {output} > {log} 2>&1"
 
 
-rule pca_reduce:
+checkpoint pca_reduce:
     input:
-        basis=lambda wc: f"{R}/subspace/pca/V-{int(wc.it) - 1:03d}.zarr",
-        partials=lambda wc: pca_partials(int(wc.it) - 1),
+        parts=lambda wc: pca_pass_parts(wc.it),
+        gv=lambda wc: pca_all_gv_parts(wc.it),
+        krylov=lambda wc: [pca_krylov(s) for s in range(int(wc.it))],
         stats=STATS,
     output:
-        basis=directory(f"{R}/subspace/pca/V-{{it}}.zarr"),
-        diagnostics=f"{R}/subspace/pca/diagnostics/iter-{{it}}.json",
-    wildcard_constraints:
-        it=r"(?!000)\d{3}",
+        basis=temp(directory(f"{PCA}/pass-{{it}}/V-next.zarr")),
+        krylov=directory(f"{PCA}/krylov/pass-{{it}}.zarr"),
+        diagnostics=f"{PCA}/diagnostics/pass-{{it}}.json",
     params:
         code=code_version("subspace"),
+        spec=jarg({"solver": SUB["solver"]}),
+        gv=lambda wc, input: f"--gv {' '.join(input.gv)}" if input.gv else "",
+        krylov=lambda wc, input: f"--krylov {' '.join(input.krylov)}" if input.krylov else "",
     log:
-        f"{LOGS}/subspace/pca_reduce/iter-{{it}}.log",
+        f"{LOGS}/subspace/pca_reduce/pass-{{it}}.log",
     benchmark:
-        f"{BENCH}/pca_reduce/iter-{{it}}.tsv"
+        f"{BENCH}/pca_reduce/pass-{{it}}.tsv"
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
         runtime=lambda wc, attempt: 60 * attempt,
     conda:
         "../../envs/gradspace.yaml"
     shell:
-        "gradspace pca-reduce --basis {input.basis} --partials {input.partials} --stats {input.stats} "
-        "--out {output.basis} --diagnostics {output.diagnostics} > {log} 2>&1"
+        "gradspace pca-reduce --parts {input.parts} {params.gv} {params.krylov} --stats {input.stats} "
+        "--params {params.spec} --out-basis {output.basis} --out-krylov {output.krylov} "
+        "--diagnostics {output.diagnostics} > {log} 2>&1"
+
+
+rule pca_lift:
+    input:
+        model=MODEL,
+        data=f"{R}/data/id_train",
+        stats=STATS,
+        krylov=lambda wc: pca_krylov(pca_final_pass()),
+    output:
+        temp(directory(f"{PCA}/lift/group-{{group}}/part-{{part}}.zarr")),
+    wildcard_constraints:
+        group="|".join(LIFT_GROUPS),
+    params:
+        code=code_version("subspace"),
+        spec=jarg({**subspace_grad_params(), "method": SUB["method"]}),
+        group=lambda wc: f"--block-group {block_group_arg(wc.group)}" if SPLIT_BLOCKS else "",
+        shards=lambda wc: part_shards(wc.part),
+    log:
+        f"{LOGS}/subspace/pca_lift/group-{{group}}/part-{{part}}.log",
+    benchmark:
+        f"{BENCH}/pca_lift/group-{{group}}/part-{{part}}.tsv"
+    threads: THREADS
+    resources:
+        mem_mb=lambda wc, attempt: 16000 * attempt,
+        runtime=lambda wc, attempt: 120 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "GRADSPACE_THREADS={threads} gradspace pca-lift --model {input.model} --data-dir {input.data} "
+        "--stats {input.stats} --krylov {input.krylov} --shards {params.shards} {params.group} "
+        "--params {params.spec} --out {output} > {log} 2>&1"
 
 
 rule pca_finalize:
     input:
-        basis=f"{R}/subspace/pca/V-{config['subspace']['iterations']:03d}.zarr",
-        partials=pca_partials(config["subspace"]["iterations"]),
+        parts=[f"{PCA}/lift/group-{g}/part-{w}.zarr" for g in LIFT_GROUPS for w in DATA_PARTS_IDS],
+        krylov=lambda wc: pca_krylov(pca_final_pass()),
+        diagnostics=lambda wc: [f"{PCA}/diagnostics/pass-{s:03d}.json" for s in range(pca_final_pass() + 1)],
         stats=STATS,
     output:
-        directory(f"{R}/subspace/pca/subspace.zarr"),
+        directory(f"{PCA}/subspace.zarr"),
     params:
         code=code_version("subspace"),
-        spec=jarg({"k": config["subspace"]["k"]}),
+        spec=jarg({"tol": SUB["tol"]}),
     log:
         f"{LOGS}/subspace/pca_finalize.log",
     benchmark:
@@ -263,8 +310,9 @@ rule pca_finalize:
     conda:
         "../../envs/gradspace.yaml"
     shell:
-        "gradspace pca-finalize --basis {input.basis} --partials {input.partials} --stats {input.stats} "
-        "--params {params.spec} --out {output} > {log} 2>&1"
+        "gradspace pca-finalize --parts {input.parts} --krylov {input.krylov} "
+        "--diagnostics {input.diagnostics} --stats {input.stats} --params {params.spec} "
+        "--out {output} > {log} 2>&1"
 
 
 if not SPLIT_BLOCKS:

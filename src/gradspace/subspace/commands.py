@@ -4,11 +4,12 @@ GradspaceError for bad input. ``--timing FILE`` (optional) writes a JSON record 
 in-job timers (CUDA-synchronized), the sample count and the hardware, for the timing
 tables (paper Tables 11 and 12).
 
-Iterations of the PCA are unrolled: ``pca-init`` → for t in 0..T−1 (``pca-partial`` per
-ID-train shard, ``pca-reduce``) → ``pca-partial`` per shard at V_T → ``pca-finalize``.
-With parameter-block groups (``subspace.block_jobs``) each ``pca-partial`` becomes two
-jobs per (shard, group): ``pca-gv`` (G_g·V_g, only the group's blocks of V loaded), then
-``pca-partial --gv <parts of every group>`` (G_bᵀ(G·V) for the group's blocks, no V);
+The PCA is unrolled into data passes: ``pca-init`` → for t = 0, 1, …, T (``pca-pass``
+per data part — a set of ID-train shards — then ``pca-reduce``: V_{t+1}, the Krylov
+record and diagnostics of pass t) → ``pca-lift`` per data part → ``pca-finalize``.
+With parameter-block groups (``subspace.block_jobs``) each ``pca-pass`` becomes two
+jobs per (part, group): ``pca-gv`` (G_g·V_g, only the group's blocks of V loaded), then
+``pca-pass --gv <parts of every group>`` (G_bᵀ(G·V) for the group's blocks, no V);
 ``project --block-group`` per group, then ``project-merge``.
 """
 
@@ -201,86 +202,165 @@ def _job_blocks(layout, a):
     return layout.select_blocks(getattr(a, "blocks", None), getattr(a, "block_group", None) or None)
 
 
+def _shard_batches(data_dir, shards, o, device, name):
+    """Batches of several shards of one dataset, in shard order, with progress logging."""
+    from ..data.loader import num_samples
+    from ..runtime import paused_iter, progress
+
+    shards = [int(s) for s in shards]
+    total = sum(num_samples(data_dir, s) for s in shards)
+
+    def gen():
+        for s in shards:
+            yield from _batches(data_dir, s, o, device)()
+
+    return paused_iter(name, progress(f"{name} shards {shards[0]}..{shards[-1]}", gen(), total))
+
+
 def _iteration_job(a, command):
-    """What a PCA-iteration job (pca-partial, pca-gv) starts from: options, device, model,
-    statistics, the basis V_t (group, attrs, layout), iteration t and the job's blocks."""
+    """What a PCA pass job (pca-pass, pca-gv) starts from: options, device, model,
+    statistics, the basis V_t (group, attrs, layout), pass t and the job's blocks."""
     from .power import read_basis
 
-    o = _opts(a.params, {"method": "jvp_vjp"}, command)
+    o = _opts(a.params, {"method": "persample"}, command)
     dev = _device(o)
     model, _ = _model(a.model, dev)
     stats = _load_stats(a.stats)
     group, battrs, layout = read_basis(a.basis, "basis")
     layout.same_as(stats.layout, f"{a.basis} vs. {a.stats}")
-    return o, dev, model, stats, group, layout, int(battrs["iteration"]), _job_blocks(layout, a)
+    return o, dev, model, stats, group, battrs, layout, int(battrs["iteration"]), _job_blocks(layout, a)
 
 
-def cmd_pca_partial(a):
-    from ..runtime import Timer, paused_iter
-    from .power import (
-        load_basis_tensors,
-        load_gv,
-        partial_products,
-        partial_products_from_gv,
-        write_partial,
-    )
+def _part_label(shards) -> str:
+    return "-".join(str(int(s)) for s in shards)
 
-    o, dev, model, stats, group, layout, it, blocks = _iteration_job(a, "pca-partial")
+
+def cmd_pca_pass(a):
+    from ..runtime import Timer
+    from .power import load_basis_tensors, load_gv, partial_products, partial_products_from_gv, write_partial
+
+    o, dev, model, stats, group, battrs, layout, it, blocks = _iteration_job(a, "pca-pass")
     # phase 2 of a block-group job needs only its own blocks' gradients; a one-phase job
     # needs every block for G·V
     op = _operator(o["method"], model, stats, o, dev, blocks if a.gv else None)
     timer = Timer()
+    part = _part_label(a.shards)
+    U = rows = None
     with timer("total", dev):
-        batches = paused_iter("pca-partial", _batches(a.data_dir, a.shard, o, dev)())
+        batches = _shard_batches(a.data_dir, a.shards, o, dev, "pca-pass")
         if a.gv:  # phase 2 of a block-group job: G·V from the pca-gv parts, V not loaded
-            U, rows = load_gv(a.gv, layout, it, a.shard)
-            W, n = partial_products_from_gv(op, batches, U, rows, blocks, timer, dev,
-                                            where=f"{a.data_dir} shard {a.shard}")
+            Ug, rg = load_gv(a.gv, layout, it, part)
+            W, n = partial_products_from_gv(op, batches, Ug, rg, blocks, timer, dev,
+                                            where=f"{a.data_dir} shards {part}")
         else:
             V = load_basis_tensors(group, layout, dev, a.basis)
-            W, n = partial_products(op, batches, V, blocks, timer, dev)
-    write_partial(a.out, layout, W, n, {"iteration": it, "shard": a.shard, "method": o["method"]})
-    _write_timing(a.timing, "pca-partial", timer, dev, n, {"method": o["method"], "iteration": it})
+            W, n, U, rows = partial_products(op, batches, V, blocks, timer, dev, keep_images=True)
+    keep = {key: battrs[key] for key in ("k", "oversample", "columns", "seed") if key in battrs}
+    write_partial(a.out, layout, W, n, {"iteration": it, "shard": part, "shards": [int(s) for s in a.shards],
+                                        "method": o["method"], **keep}, images=U, rows=rows)
+    _write_timing(a.timing, "pca-pass", timer, dev, n, {"method": o["method"], "iteration": it})
 
 
 def cmd_pca_gv(a):
-    from ..runtime import Timer, paused_iter
+    from ..runtime import Timer
     from .power import gv_products, load_basis_tensors, write_gv
 
-    o, dev, model, stats, group, layout, it, blocks = _iteration_job(a, "pca-gv")
+    o, dev, model, stats, group, battrs, layout, it, blocks = _iteration_job(a, "pca-gv")
     op = _operator(o["method"], model, stats, o, dev, blocks)
     V = load_basis_tensors(group, layout, dev, a.basis, blocks)
     timer = Timer()
     with timer("total", dev):
-        batches = paused_iter("pca-gv", _batches(a.data_dir, a.shard, o, dev)())
-        U, rows = gv_products(op, batches, V, timer, dev)
-    write_gv(a.out, layout, U, rows, blocks, {"iteration": it, "shard": a.shard, "method": o["method"]})
+        U, rows = gv_products(op, _shard_batches(a.data_dir, a.shards, o, dev, "pca-gv"), V, timer, dev)
+    write_gv(a.out, layout, U, rows, blocks, {"iteration": it, "shard": _part_label(a.shards),
+                                              "method": o["method"]})
     _write_timing(a.timing, "pca-gv", timer, dev, U.shape[0],
                   {"method": o["method"], "iteration": it, "blocks": blocks})
 
 
 def cmd_pca_reduce(a):
     from .diagnostics import write_json
-    from .power import reduce_iteration
+    from .power import reduce_pass
 
+    o = dict(a.params or {})
+    if set(o) - {"solver"}:
+        raise ConfigError(f"pca-reduce --params: unknown key(s) {sorted(set(o) - {'solver'})}")
+    solver = o.get("solver", "krylov")
+    if solver not in ("krylov", "power"):
+        raise ConfigError(f"subspace.solver must be krylov or power, got {solver!r}")
     stats = _load_stats(a.stats)
     t0 = time.perf_counter()
-    diag = reduce_iteration(a.basis, a.partials, a.out, stats, scratch_dir=Path(a.out).parent)
+    diag = reduce_pass(a.parts, a.out_basis, a.out_krylov, stats, a.krylov or [], a.gv,
+                       window=1 if solver == "power" else None, scratch_dir=Path(a.out_basis).parent)
     diag["seconds"] = time.perf_counter() - t0
-    log.info("PCA iteration %d: captured %.4f, subspace change %.3g (top-k %.3g)", diag["iteration"],
-             diag["captured_variance"], diag["subspace_change"], diag["subspace_change_topk"])
-    if a.diagnostics:
-        write_json(a.diagnostics, diag)
+    diag["solver"] = solver
+    if diag["max_residual"] is None:
+        log.info("PCA pass %d: first block of images stored (Rayleigh–Ritz from pass 1 on)", diag["pass"])
+    else:
+        log.info("PCA pass %d: Krylov dimension %d, top-%d captured %.4f, largest residual %.3g, "
+                 "subspace change %s", diag["pass"], diag["krylov_dim"], diag["k"],
+                 diag["captured_variance_topk"] or float("nan"), diag["max_residual"],
+                 "n/a" if diag["subspace_change_topk"] is None else f"{diag['subspace_change_topk']:.3g}")
+    write_json(a.diagnostics, diag)
+
+
+def cmd_pca_lift(a):
+    from ..runtime import Timer
+    from .power import partial_products_from_gv, read_lift, write_lift
+
+    o = _opts(a.params, {"method": "persample"}, "pca-lift")
+    dev = _device(o)
+    model, _ = _model(a.model, dev)
+    stats = _load_stats(a.stats)
+    layout = stats.layout
+    blocks = _job_blocks(layout, a)
+    L, rows, kattrs = read_lift(a.krylov)
+    shard_rows = np.concatenate([_shard_rows(a.data_dir, s) for s in a.shards])
+    pos = np.searchsorted(rows, shard_rows)
+    if np.any(pos >= rows.size) or not np.array_equal(rows[np.minimum(pos, rows.size - 1)], shard_rows):
+        raise DataError(f"{a.krylov}: the Krylov record does not cover the samples of {a.data_dir} "
+                        f"shards {a.shards}")
+    op = _operator(o["method"], model, stats, o, dev, blocks)
+    timer = Timer()
+    with timer("total", dev):
+        V, n = partial_products_from_gv(op, _shard_batches(a.data_dir, a.shards, o, dev, "pca-lift"),
+                                        L[pos], shard_rows, blocks, timer, dev,
+                                        where=f"{a.data_dir} shards {_part_label(a.shards)}")
+    write_lift(a.out, layout, V, n, {"iteration": int(kattrs["pass"]), "shard": _part_label(a.shards),
+                                     "method": o["method"]})
+    _write_timing(a.timing, "pca-lift", timer, dev, n, {"method": o["method"]})
+
+
+def _shard_rows(data_dir, shard):
+    from ..data.manifest import read_manifest
+
+    df = read_manifest(data_dir)
+    return np.flatnonzero(df["shard"].to_numpy() == int(shard)).astype(np.int64)
 
 
 def cmd_pca_finalize(a):
-    from .power import rayleigh_ritz
+    import json
+
+    from .power import finalize_pca
 
     o = dict(a.params or {})
+    if set(o) - {"tol"}:
+        raise ConfigError(f"pca-finalize --params: unknown key(s) {sorted(set(o) - {'tol'})}")
     stats = _load_stats(a.stats)
-    info = rayleigh_ritz(a.basis, a.partials, a.out, stats, o.get("k"))
-    log.info("PCA subspace k=%d, explained variance %.4f -> %s", info["k"],
-             sum(info["explained_variance_ratio"] or [0]), a.out)
+    curve = []
+    for p in a.diagnostics or []:
+        d = json.loads(Path(p).read_text())
+        curve.append({key: d.get(key) for key in ("pass", "max_residual", "captured_variance_topk",
+                                                  "subspace_change_topk", "krylov_dim")})
+    info = finalize_pca(a.parts, a.krylov, a.out, stats, o.get("tol"), curve)
+    log.info("PCA subspace k=%d after %d data passes: explained variance %.4f, largest residual %.3g "
+             "(tol %s), orthonormality error %.1e -> %s", info["k"], info["passes"],
+             sum(info["explained_variance_ratio"] or [0]), info["max_residual"], info["tol"],
+             info["orthonormality_error"], a.out)
+    if info["unconverged"]:
+        log.warning("PCA: %d of %d directions did not meet subspace.tol = %s after %d Krylov blocks "
+                    "(directions %s, residuals up to %.3g): raise subspace.max_iterations or "
+                    "subspace.oversample, or use iterations: auto", len(info["unconverged"]), info["k"],
+                    info["tol"], info["iterations"], info["unconverged"][:10], info["max_residual"])
 
 
 # -- projection -------------------------------------------------------------------------------
@@ -456,41 +536,61 @@ def register(subparsers) -> None:
     p.add_argument("--params", type=json_arg, default={}, help='JSON {"k": 200, "oversample": 10, "seed": 0}')
     p.add_argument("--out", required=True)
 
-    p = add("pca-partial", cmd_pca_partial, "one shard's partial C·V_t = Gᵀ(G V_t)")
+    def shards(p):
+        p.add_argument("--shards", type=int, nargs="+", required=True,
+                       help="ID-train shards of this data part (one job passes over all of them)")
+
+    p = add("pca-pass", cmd_pca_pass, "one data pass over some shards: C·V_t = Gᵀ(G V_t) and the "
+                                      "sample-space images G·V_t")
     for opt in ("--model", "--data-dir", "--stats", "--basis"):
         p.add_argument(opt, required=True)
-    p.add_argument("--shard", type=int, required=True)
+    shards(p)
     p.add_argument("--blocks", default=None,
                    help="comma-separated parameter blocks of the output (default all)")
     block_group(p)
     p.add_argument("--gv", nargs="+", default=None,
-                   help="pca-gv parts of this shard (every block group): compute G_bᵀ(G·V) from "
+                   help="pca-gv parts of these shards (every block group): compute G_bᵀ(G·V) from "
                         "them instead of loading V")
     p.add_argument("--out", required=True)
-    compute(p, "; method (jvp_vjp|persample)")
+    compute(p, "; method (persample|jvp_vjp)")
 
-    p = add("pca-gv", cmd_pca_gv, "one shard's G_g·V_g over the parameter blocks of one group "
-                                  "(phase 1 of a block-group pca-partial)")
+    p = add("pca-gv", cmd_pca_gv, "G_g·V_g over the parameter blocks of one group for some shards "
+                                  "(phase 1 of a block-group pca-pass)")
     for opt in ("--model", "--data-dir", "--stats", "--basis"):
         p.add_argument(opt, required=True)
-    p.add_argument("--shard", type=int, required=True)
+    shards(p)
     p.add_argument("--blocks", default=None, help="comma-separated parameter blocks (default all)")
     block_group(p)
     p.add_argument("--out", required=True)
-    compute(p, "; method (jvp_vjp|persample)")
+    compute(p, "; method (persample|jvp_vjp)")
 
-    p = add("pca-reduce", cmd_pca_reduce, "sum partials, orthonormalize (TSQR) -> V_{t+1}, diagnostics")
-    p.add_argument("--basis", required=True, help="V_t store")
-    p.add_argument("--partials", nargs="+", required=True)
+    p = add("pca-reduce", cmd_pca_reduce, "after pass t: sum the parts, orthonormalize (TSQR) -> "
+                                          "V_{t+1}; Krylov record and Rayleigh–Ritz diagnostics of pass t")
+    p.add_argument("--parts", nargs="+", required=True, help="pca-pass outputs of pass t")
+    p.add_argument("--gv", nargs="*", default=None, help="pca-gv parts of pass t (block groups)")
+    p.add_argument("--krylov", nargs="*", default=[], help="Krylov records of passes 0..t-1, in order")
     p.add_argument("--stats", required=True)
-    p.add_argument("--out", required=True, help="V_{t+1} store")
-    p.add_argument("--diagnostics", default=None, help="iteration diagnostics JSON")
+    p.add_argument("--params", type=json_arg, default={}, help='JSON {"solver": "krylov"|"power"}')
+    p.add_argument("--out-basis", required=True, help="V_{t+1} store")
+    p.add_argument("--out-krylov", required=True, help="Krylov record of pass t")
+    p.add_argument("--diagnostics", required=True, help="diagnostics JSON of pass t")
 
-    p = add("pca-finalize", cmd_pca_finalize, "Rayleigh–Ritz on V_T -> PCA subspace store")
-    p.add_argument("--basis", required=True)
-    p.add_argument("--partials", nargs="+", required=True, help="pca-partial outputs at V_T")
+    p = add("pca-lift", cmd_pca_lift, "the final pass: PCA directions V = Gᵀ L of the Ritz pairs "
+                                      "(some shards, optionally one block group)")
+    for opt in ("--model", "--data-dir", "--stats", "--krylov"):
+        p.add_argument(opt, required=True)
+    shards(p)
+    p.add_argument("--blocks", default=None, help="comma-separated parameter blocks (default all)")
+    block_group(p)
+    p.add_argument("--out", required=True)
+    compute(p, "; method (persample|jvp_vjp)")
+
+    p = add("pca-finalize", cmd_pca_finalize, "sum the lift parts -> PCA subspace store")
+    p.add_argument("--parts", nargs="+", required=True, help="pca-lift outputs")
+    p.add_argument("--krylov", required=True, help="Krylov record of the final pass")
+    p.add_argument("--diagnostics", nargs="*", default=[], help="diagnostics JSON of every pass (the curve)")
     p.add_argument("--stats", required=True)
-    p.add_argument("--params", type=json_arg, default={}, help='JSON {"k": k} (default: the basis k)')
+    p.add_argument("--params", type=json_arg, default={}, help='JSON {"tol": 0.01}')
     p.add_argument("--out", required=True)
 
     p = add("project", cmd_project, "reduced gradients G·V of one shard")

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, NumericalError, StoreError
+from ..store import open_store
 from .io import atomic_group, open_blocks, put_array, read_block
 from .layout import ParamLayout
 
@@ -37,6 +38,8 @@ BASIS_KIND = "basis"
 PARTIAL_KIND = "pca_partial"
 GV_KIND = "pca_gv"
 SUBSPACE_KIND = "subspace"
+KRYLOV_KIND = "pca_krylov"
+LIFT_KIND = "pca_lift"
 
 
 # -- orthonormalization -------------------------------------------------------------------
@@ -147,8 +150,10 @@ def load_basis_tensors(group, layout: ParamLayout, device=None, path="", blocks=
             for b in layout.check_blocks(blocks)}
 
 
-def partial_products(op, batches, V: dict, blocks_out=None, timer=None, device=None):
-    """W_b = Σ_i G_{i,b}ᵀ (G_i V) over ``batches`` (float64, P_b×K') and the sample count."""
+def partial_products(op, batches, V: dict, blocks_out=None, timer=None, device=None, keep_images=False):
+    """W_b = Σ_i G_{i,b}ᵀ (G_i V) over ``batches`` (float64, P_b×K') and the sample count;
+    with ``keep_images`` also the sample-space images U = G·V (float64 N×K') and their row
+    indices: (W, n, U, rows)."""
     import torch
 
     blocks_out = op.layout.check_blocks(blocks_out)
@@ -156,17 +161,27 @@ def partial_products(op, batches, V: dict, blocks_out=None, timer=None, device=N
     acc = {b: torch.zeros(op.layout.block_size(b), K, dtype=torch.float64, device=op.device)
            for b in blocks_out}
     n = 0
+    Us, rows_all = [], []
     for batch in batches:
         x = batch[0].to(op.device)
         if timer is not None:
             with timer("products", device):
-                _, W = op.gtgv(x, V, blocks_out)
+                U, W = op.gtgv(x, V, blocks_out)
         else:
-            _, W = op.gtgv(x, V, blocks_out)
+            U, W = op.gtgv(x, V, blocks_out)
         for b in blocks_out:
             acc[b] += W[b].to(torch.float64)
+        if keep_images:
+            Us.append(U.double().cpu().numpy())
+            r = batch[2] if len(batch) > 2 else torch.arange(n, n + x.shape[0])
+            rows_all.append(np.asarray(r.cpu() if hasattr(r, "cpu") else r, np.int64))
         n += x.shape[0]
-    return {b: a.cpu().numpy() for b, a in acc.items()}, n
+    W = {b: a.cpu().numpy() for b, a in acc.items()}
+    if not keep_images:
+        return W, n
+    U = np.concatenate(Us) if Us else np.zeros((0, K))
+    rows = np.concatenate(rows_all) if rows_all else np.zeros(0, np.int64)
+    return W, n, U, rows
 
 
 # -- two-phase products per block group (V never whole on one device) ---------------------
@@ -265,15 +280,26 @@ def partial_products_from_gv(op, batches, U: np.ndarray, rows: np.ndarray, block
 
 
 def write_partial(path, layout: ParamLayout, W: dict, n: int, attrs: dict, kind: str = PARTIAL_KIND,
-                  key: str = "W") -> None:
+                  key: str = "W", images: np.ndarray | None = None, rows: np.ndarray | None = None,
+                  dtype=np.float32) -> None:
+    """A partial product store. W is accumulated in float64 in memory and stored as
+    ``dtype`` (float32: the same size as V; its rounding, 6e-8 relative, is far below the
+    float32 noise of the per-sample gradients it sums). ``images``/``rows``: the
+    sample-space images U = G·V of the same pass (float64, N×K', small) and their rows."""
     for b, arr in W.items():
         if not np.isfinite(arr).all():
             pos = int(np.argwhere(~np.isfinite(arr))[0][0])
             raise NumericalError(f"{path}: non-finite partial product at parameter {layout.locate(b, pos)}")
+    if images is not None and not np.isfinite(images).all():
+        bad = int(np.argwhere(~np.isfinite(images))[0][0])
+        raise NumericalError(f"{path}: non-finite product G·V for sample index {int(rows[bad])}")
     with atomic_group(path, {"kind": kind, "layout": layout.to_dict(), "n": int(n),
-                             "blocks": list(W), **attrs}) as g:
+                             "blocks": list(W), "images": images is not None, **attrs}) as g:
         for b, arr in W.items():
-            put_array(g, f"{key}.{b}", np.asarray(arr, dtype=np.float64))
+            put_array(g, f"{key}.{b}", np.asarray(arr, dtype=dtype))
+        if images is not None:
+            put_array(g, "U", np.asarray(images, np.float64))
+            put_array(g, "index", np.asarray(rows, np.int64))
 
 
 def open_partials(paths: Sequence, layout: ParamLayout, kind: str = PARTIAL_KIND, iteration=None):
@@ -315,106 +341,212 @@ def summed_block(opened, block: str, key: str = "W") -> np.ndarray:
     return total
 
 
-# -- reduce and Rayleigh–Ritz ------------------------------------------------------------
+# -- reduce: orthonormalize, keep the sample-space images, Rayleigh–Ritz ------------------
 
-def reduce_iteration(basis_path, partial_paths, out_path, stats=None, scratch_dir=None) -> dict:
-    """V_{t+1} = orth(Σ partials of C·V_t) and the iteration diagnostics (returned dict)."""
-    group, attrs, layout = read_basis(basis_path, BASIS_KIND)
-    t = int(attrs["iteration"])
-    opened, n = open_partials(partial_paths, layout, iteration=t)
-    if stats is not None and n != stats.count:
-        raise StoreError(f"partials of iteration {t} cover {n} samples, the statistics {stats.count}: "
-                         "a shard is missing or extra")
-    blocks = layout.block_names
-    K = int(attrs["columns"])
-    H = np.zeros((K, K))
+def _sample_images(opened, gv_paths, layout: ParamLayout, t: int):
+    """Y_t = G·V_t for every ID-train sample (float64 N×K', rows sorted by sample index),
+    from the images the pass parts carry, or (block groups) from the G_g·V_g parts summed
+    over groups per data part."""
+    Us, rows = [], []
+    if gv_paths:
+        by_part: dict[str, list] = {}
+        for p in gv_paths:
+            _, attrs, _ = open_blocks(p, GV_KIND)
+            by_part.setdefault(str(attrs.get("shard")), []).append(p)
+        for part, paths in sorted(by_part.items()):
+            U, r = load_gv(paths, layout, t, part)
+            Us.append(U)
+            rows.append(r)
+    else:
+        for p, g, attrs in opened:
+            if not attrs.get("images"):
+                raise StoreError(f"{p}: pass part without sample-space images G·V (a block-group "
+                                 "pass needs its pca-gv parts, --gv)")
+            Us.append(np.asarray(g["U"][...], np.float64))
+            rows.append(np.asarray(g["index"][...], np.int64))
+    U, r = np.concatenate(Us), np.concatenate(rows)
+    order = np.argsort(r, kind="stable")
+    U, r = U[order], r[order]
+    if r.size and np.any(np.diff(r) == 0):
+        dup = int(r[np.flatnonzero(np.diff(r) == 0)[0]])
+        raise StoreError(f"pass {t}: sample index {dup} appears in more than one part")
+    return U, r
 
-    def load(b):
-        W = summed_block(opened, b)
-        Vb = basis_block(group, b, basis_path).astype(np.float64)
-        H[...] += Vb.T @ W
-        return W
 
+def read_krylov(paths: Sequence, rows: np.ndarray | None = None, columns: int | None = None):
+    """Images Y_s and factors R_s of passes 0..len(paths)−1 (in pass order, checked)."""
+    Ys, Rs = [], []
+    for s, p in enumerate(paths):
+        g = open_store(p)
+        attrs = dict(g.attrs)
+        if attrs.get("kind") != KRYLOV_KIND:
+            raise StoreError(f"{p}: expected a {KRYLOV_KIND} store, found kind '{attrs.get('kind')}'")
+        if int(attrs.get("pass", -1)) != s:
+            raise StoreError(f"{p}: Krylov record of pass {attrs.get('pass')}, expected pass {s}")
+        idx = np.asarray(g["index"][...], np.int64)
+        if rows is not None and not np.array_equal(idx, rows):
+            raise StoreError(f"{p}: its samples differ from those of the current pass")
+        Y = np.asarray(g["Y"][...], np.float64)
+        if columns is not None and Y.shape[1] != columns:
+            raise StoreError(f"{p}: {Y.shape[1]} columns, the current pass has {columns}")
+        Ys.append(Y)
+        Rs.append(np.asarray(g["R"][...], np.float64))
+    return Ys, Rs
+
+
+def ritz_diagnostics(Ys, Rs, k: int, n: int, window=None, total_variance=None):
+    """(Ritz | None, diagnostics dict) of the Rayleigh–Ritz after pass len(Ys)−1."""
+    from .krylov import best_ritz, largest_sine, ritz_overlap
+
+    t = len(Ys) - 1
+    d = {"pass": t, "passes": t + 1, "n": int(n), "k": int(k), "columns": int(Ys[-1].shape[1]),
+         "window": window, "ritz_values": None, "residuals": None, "max_residual": None,
+         "captured_variance_topk": None, "subspace_change_topk": None, "krylov_dim": 0}
+    if t < 1:
+        return None, d
+    rz = best_ritz(Ys, Rs[:t], k, window)
+    d.update({"ritz_values": (rz.eigenvalues[: max(k, Ys[-1].shape[1])] / n).tolist(),
+              "residuals": rz.residuals.tolist(), "max_residual": float(rz.residuals.max()),
+              "krylov_dim": rz.dim, "blocks_used": list(rz.blocks)})
+    if total_variance:
+        d["captured_variance_topk"] = float(rz.eigenvalues[:k].sum() / n / total_variance)
+    if t >= 2:
+        prev = best_ritz(Ys[:t], Rs[: t - 1], k, window)
+        d["subspace_change_topk"] = largest_sine(ritz_overlap(prev, rz, Ys, Rs))
+    return rz, d
+
+
+def reduce_pass(part_paths, out_basis, out_krylov, stats=None, krylov_paths=(), gv_paths=None,
+                window=None, scratch_dir=None) -> dict:
+    """After data pass t: V_{t+1} = orth(Σ parts of C·V_t) (TSQR, W_t = V_{t+1} R_t); the
+    Krylov record of pass t (Y_t = G·V_t, R_t, and after pass 1 the Rayleigh–Ritz over the
+    whole Krylov space with its lift coefficients); returns the diagnostics of pass t."""
+    if not part_paths:
+        raise StoreError("no pass parts given")
+    _, attrs0, layout = open_blocks(part_paths[0], PARTIAL_KIND)
+    t = int(attrs0["iteration"])
+    opened, n = open_partials(part_paths, layout, iteration=t)
+    if stats is not None:
+        layout.same_as(stats.layout, "pass parts vs. statistics")
+        if n != stats.count:
+            raise StoreError(f"parts of pass {t} cover {n} samples, the statistics {stats.count}: "
+                             "a shard is missing or extra")
+    k, K = int(attrs0["k"]), int(attrs0["columns"])
+    Y, rows = _sample_images(opened, gv_paths, layout, t)
+    if Y.shape != (n, K):
+        raise StoreError(f"pass {t}: images G·V have shape {Y.shape}, expected ({n}, {K})")
+    if len(krylov_paths) != t:
+        raise StoreError(f"pass {t} needs the Krylov records of passes 0..{t - 1}, got {len(krylov_paths)}")
+    Ys, Rs = read_krylov(krylov_paths, rows, K)
     scratch = Path(tempfile.mkdtemp(prefix=".pca-reduce-", dir=scratch_dir))
     try:
-        get, _ = tsqr(blocks, load, scratch)
-        M = np.zeros((K, K))
-
-        def get_and_track(b):
-            Q = get(b)
-            M[...] += basis_block(group, b, basis_path).astype(np.float64).T @ Q
-            return Q
-
-        H = 0.5 * (H + H.T)
-        evals, S = np.linalg.eigh(H)
-        order = np.argsort(evals)[::-1]
-        evals, S = evals[order], S[:, order]
-        write_basis(out_path, layout, get_and_track,
-                    {**{k: attrs[k] for k in ("k", "oversample", "columns", "seed") if k in attrs},
+        get, R = tsqr(layout.block_names, lambda b: summed_block(opened, b), scratch)
+        write_basis(out_basis, layout, get,
+                    {**{key: attrs0[key] for key in ("k", "oversample", "columns", "seed") if key in attrs0},
                      "kind": BASIS_KIND, "iteration": t + 1})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    k = int(attrs["k"])
-    total = stats.total_variance if stats is not None else float("nan")
-    ritz = evals / n
-    diag = {
-        "iteration": t, "n": n, "k": k, "columns": K,
-        "ritz_values": ritz.tolist(),
-        "captured_variance": float(np.trace(H) / n / total) if stats is not None else None,
-        "captured_variance_topk": float(ritz[:k].sum() / total) if stats is not None else None,
-        "total_variance": total,
-        "subspace_change": _sine(M),
-        "subspace_change_topk": _sine(S[:, :k].T @ M),
-    }
+    Ys.append(Y)
+    Rs.append(R)
+    total = stats.total_variance if stats is not None else None
+    rz, diag = ritz_diagnostics(Ys, Rs, k, n, window, total)
+    diag["total_variance"] = total
+    with atomic_group(out_krylov, {"kind": KRYLOV_KIND, "pass": t, "n": n, "k": k, "columns": K,
+                                   "window": window, "max_residual": diag["max_residual"],
+                                   "eigenvalues": None if rz is None else (rz.eigenvalues[:k] / n).tolist(),
+                                   "residuals": diag["residuals"]}) as g:
+        put_array(g, "Y", Y)
+        put_array(g, "R", R)
+        put_array(g, "index", rows)
+        if rz is not None:
+            put_array(g, "lift", rz.lift)
     return diag
 
 
-def rayleigh_ritz(basis_path, partial_paths, out_path, stats=None, k: int | None = None,
-                  attrs: dict | None = None) -> dict:
-    """Final PCA subspace: eigenvectors of V_Tᵀ C V_T sorted by eigenvalue, keep k of K'."""
-    group, battrs, layout = read_basis(basis_path, BASIS_KIND)
-    t = int(battrs["iteration"])
-    opened, n = open_partials(partial_paths, layout, iteration=t)
-    if stats is not None and n != stats.count:
-        raise StoreError(f"final partials cover {n} samples, the statistics {stats.count}")
-    k = int(k or battrs["k"])
-    K = int(battrs["columns"])
-    if k > K:
-        raise ConfigError(f"cannot keep k={k} of {K} columns")
-    H = np.zeros((K, K))
-    for b in layout.block_names:
-        H += basis_block(group, b, basis_path).astype(np.float64).T @ summed_block(opened, b)
-    H = 0.5 * (H + H.T)
-    evals, S = np.linalg.eigh(H)
-    order = np.argsort(evals)[::-1]
-    evals, S = evals[order][:k] / n, S[:, order][:, :k]
-    total = stats.total_variance if stats is not None else float("nan")
-    info = {"kind": SUBSPACE_KIND, "type": "pca", "k": k, "iterations": t, "n": n,
-            "oversample": int(battrs.get("oversample", 0)), "seed": battrs.get("seed"),
-            "orthonormal": True, "eigenvalues": evals.tolist(), "total_variance": total,
-            "explained_variance_ratio": (evals / total).tolist() if stats is not None else None,
-            **dict(attrs or {})}
-    write_basis(out_path, layout, lambda b: basis_block(group, b, basis_path).astype(np.float64) @ S, info)
+def read_lift(krylov_path):
+    """(lift N×k, rows, attrs) of the Krylov record the final subspace is lifted from."""
+    g = open_store(krylov_path)
+    attrs = dict(g.attrs)
+    if attrs.get("kind") != KRYLOV_KIND:
+        raise StoreError(f"{krylov_path}: expected a {KRYLOV_KIND} store, found '{attrs.get('kind')}'")
+    if "lift" not in g:
+        raise StoreError(f"{krylov_path}: pass {attrs.get('pass')} has no Rayleigh–Ritz (the final pass "
+                         "must be 1 or later)")
+    return np.asarray(g["lift"][...], np.float64), np.asarray(g["index"][...], np.int64), attrs
+
+
+def finalize_pca(lift_paths, krylov_path, out_path, stats=None, tol=None, convergence=None,
+                 attrs: dict | None = None) -> dict:
+    """Sum the lift parts V_b = Σ G_bᵀ L into the PCA subspace store (Ritz vectors of C over
+    the Krylov space, eigenvalues per sample, per-direction residuals, convergence)."""
+    _, kattrs = read_lift(krylov_path)[1:]
+    _, a0, layout = open_blocks(lift_paths[0], LIFT_KIND)
+    opened, n = open_partials(lift_paths, layout, kind=LIFT_KIND, iteration=int(kattrs["pass"]))
+    if n != int(kattrs["n"]) or (stats is not None and n != stats.count):
+        raise StoreError(f"lift parts cover {n} samples, the Krylov record {kattrs['n']}")
+    k = int(kattrs["k"])
+    blocks = {b: summed_block(opened, b, key="V") for b in layout.block_names}
+    gram = sum(v.T @ v for v in blocks.values())
+    orth_err = float(np.abs(gram - np.eye(k)).max())
+    res = np.asarray(kattrs["residuals"], np.float64)
+    ev = np.asarray(kattrs["eigenvalues"], np.float64)
+    total = stats.total_variance if stats is not None else None
+    unconverged = [] if tol is None else [int(j) for j in np.flatnonzero(res > float(tol))]
+    info = {"kind": SUBSPACE_KIND, "type": "pca", "k": k, "iterations": int(kattrs["pass"]),
+            "passes": int(kattrs["pass"]) + 2, "n": n, "columns": int(kattrs["columns"]),
+            "solver": "power" if kattrs.get("window") == 1 else "krylov",
+            "orthonormal": True, "orthonormality_error": orth_err, "eigenvalues": ev.tolist(),
+            "residuals": res.tolist(), "max_residual": float(res.max()), "tol": tol,
+            "converged": None if tol is None else not unconverged, "unconverged": unconverged,
+            "total_variance": total,
+            "explained_variance_ratio": (ev / total).tolist() if total else None,
+            "convergence": list(convergence or []), **dict(attrs or {})}
+    write_basis(out_path, layout, lambda b: blocks[b], info)
     return info
 
 
-def iterate_in_memory(op, batches_fn, layout, k, oversample, iterations, seed, workdir, stats=None,
-                      start=0, blocks_out=None):
-    """Run the unrolled iteration in one process (library use, tests, benchmark): the same
-    files as the workflow, V_t stored at ``workdir/V-<t>.zarr``; resumes at ``start``."""
-    workdir = Path(workdir)
-    if start == 0:
-        init_basis(workdir / "V-000.zarr", layout, k, oversample, seed)
-    diags = []
-    for t in range(start, iterations + 1):
-        vpath = workdir / f"V-{t:03d}.zarr"
-        g, _, _ = read_basis(vpath, BASIS_KIND)
-        V = load_basis_tensors(g, layout, op.device, vpath)
-        W, n = partial_products(op, batches_fn(), V, blocks_out)
-        ppath = workdir / f"partial-{t:03d}.zarr"
-        write_partial(ppath, layout, W, n, {"iteration": t, "shard": "0", "method": op.method})
-        if t < iterations:
-            diags.append(reduce_iteration(vpath, [ppath], workdir / f"V-{t + 1:03d}.zarr", stats))
-        else:
-            rayleigh_ritz(vpath, [ppath], workdir / "subspace.zarr", stats, k)
-    return diags
+def write_lift(path, layout: ParamLayout, V: dict, n: int, attrs: dict) -> None:
+    write_partial(path, layout, V, n, attrs, kind=LIFT_KIND, key="V")
+
+
+# -- the whole PCA in one process (library use, tests, benchmarks) ------------------------
+
+def fit_pca_in_memory(op, batches_fn, layout: ParamLayout, k: int, oversample: int, seed: int = 0,
+                      tol: float | None = 1e-2, iterations: int | str = "auto", max_iterations: int = 20,
+                      solver: str = "krylov", stats=None):
+    """The workflow's PCA (same passes, same math) without files: returns
+    ({block: V_b (P_b×k)}, info) with info as stored by ``finalize_pca`` plus the
+    per-pass diagnostics. ``batches_fn()`` yields the ID-train batches (x, y, rows)."""
+    import torch
+
+    K = int(k) + int(oversample)
+    if K > layout.num_params:
+        raise ConfigError(f"k + oversample = {K} exceeds the {layout.num_params} selected parameters")
+    window = 1 if solver == "power" else None
+    last = int(max_iterations) if iterations == "auto" else int(iterations)
+    get, _ = tsqr(layout.block_names, lambda b: random_blocks(layout, K, seed, b))
+    V = {b: torch.as_tensor(get(b), dtype=torch.float32, device=op.device) for b in layout.block_names}
+    Ys, Rs, diags, rz, rows = [], [], [], None, None
+    total = stats.total_variance if stats is not None else None
+    for t in range(last + 1):
+        W, n, U, r = partial_products(op, batches_fn(), V, keep_images=True)
+        order = np.argsort(r, kind="stable")
+        Ys.append(U[order])
+        rows = r[order]
+        get, R = tsqr(layout.block_names, lambda b: W[b])
+        Rs.append(R)
+        rz, d = ritz_diagnostics(Ys, Rs, k, n, window, total)
+        diags.append(d)
+        if t >= 1 and (t == last or (iterations == "auto" and tol is not None and d["max_residual"] <= tol)):
+            break
+        V = {b: torch.as_tensor(get(b), dtype=torch.float32, device=op.device) for b in layout.block_names}
+    lift = np.empty_like(rz.lift)
+    lift[order] = rz.lift
+    Vk, _ = partial_products_from_gv(op, batches_fn(), lift, r, layout.block_names)
+    res = rz.residuals
+    info = {"type": "pca", "k": int(k), "iterations": len(Ys) - 1, "passes": len(Ys) + 1, "n": int(n),
+            "solver": solver, "eigenvalues": (rz.eigenvalues[:k] / n).tolist(), "residuals": res.tolist(),
+            "max_residual": float(res.max()), "tol": tol,
+            "converged": None if tol is None else bool((res <= tol).all()),
+            "total_variance": total, "diagnostics": diags}
+    return {b: v.astype(np.float32) for b, v in Vk.items()}, info
