@@ -29,6 +29,7 @@ wildcard_constraints:
     gdetector="|".join(GRAD_DETECTORS) if GRAD_DETECTORS else "__none__",
     space="pca|ag",
     it=r"\d{3}",
+    part=r"\d+",
 
 
 include: "workflow/rules/data.smk"

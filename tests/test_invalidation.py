@@ -57,7 +57,7 @@ def test_new_ood_dataset_adds_only_its_jobs(tiny_workdir):
     counts = rules(jobs)
     assert counts["prepare"] == 1 and counts["extract"] == 1 and counts["project"] == 2
     assert counts["score_detector"] + counts["score_model_detector"] == n_feature
-    for untouched in ("train", "fit_detector", "gradstats_partial", "pca_partial", "fit_grad_detector"):
+    for untouched in ("train", "fit_detector", "gradstats_partial", "pca_pass", "fit_grad_detector"):
         assert counts[untouched] == 0
 
 
@@ -73,9 +73,11 @@ def _subspace_change_plan(tiny_workdir, name, change):
 def test_subspace_k_reruns_pca_and_downstream_only(tiny_workdir):
     jobs, counts = _subspace_change_plan(tiny_workdir, "c_k.yaml", lambda c: c["subspace"].update(k=6))
     cfg = yaml.safe_load(TINY.read_text())
-    iters, shards = cfg["subspace"]["iterations"], cfg["data"]["id"]["shards"]
+    iters = cfg["subspace"]["iterations"]
     assert counts["pca_init"] == 1 and counts["pca_finalize"] == 1
-    assert counts["pca_partial"] == (iters + 1) * shards and counts["pca_reduce"] == iters
+    # one job per data pass (data_parts = 1, whatever the shard count), passes 0..iters, the lift
+    assert counts["pca_pass"] == iters + 1 and counts["pca_reduce"] == iters + 1
+    assert counts["pca_lift"] == 1
     assert counts["ag_partial"] == 0 and counts["ag_reduce"] == 0  # k does not change AG
     assert {w["space"] for r, w in jobs if r in ("project", "fit_grad_detector", "score_grad_detector")} \
         == {"pca"}
@@ -85,7 +87,7 @@ def test_subspace_k_reruns_pca_and_downstream_only(tiny_workdir):
 def test_subspace_method_reruns_subspaces_not_extraction(tiny_workdir):
     jobs, counts = _subspace_change_plan(tiny_workdir, "c_m.yaml",
                                          lambda c: c["subspace"].update(method="jvp_vjp"))
-    assert counts["pca_partial"] > 0 and counts["project"] > 0 and counts["evaluate"] == 1
+    assert counts["pca_pass"] > 0 and counts["project"] > 0 and counts["evaluate"] == 1
 
 
 def test_model_change_reruns_everything_after_data_preparation(tiny_workdir):
@@ -93,7 +95,7 @@ def test_model_change_reruns_everything_after_data_preparation(tiny_workdir):
     counts = rules(planned_jobs(tiny_workdir, name))
     assert counts["prepare"] == 0  # data do not depend on the model
     for rule in ("train", "extract", "model_card", "fit_detector", "score_detector", "grad_scores",
-                 "gradstats_partial", "pca_partial", "project", "fit_grad_detector", "evaluate", "report"):
+                 "gradstats_partial", "pca_pass", "project", "fit_grad_detector", "evaluate", "report"):
         assert counts[rule] > 0, rule
 
 
@@ -108,4 +110,4 @@ def test_code_version_bump_reruns_that_stage_and_downstream(tiny_workdir):
     jobs = planned_jobs(tiny_workdir, env={"GRADSPACE_CODE_VERSIONS": json.dumps({"evaluate": 2})})
     assert rules(jobs) == Counter({"evaluate": 1, "report": 1, "all": 1})
     counts = rules(planned_jobs(tiny_workdir, env={"GRADSPACE_CODE_VERSIONS": json.dumps({"project": 2})}))
-    assert counts["project"] > 0 and counts["extract"] == 0 and counts["pca_partial"] == 0
+    assert counts["project"] > 0 and counts["extract"] == 0 and counts["pca_pass"] == 0

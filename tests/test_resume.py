@@ -77,7 +77,7 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_workdir):
         incomplete = incomplete_outputs(work, "results/tiny/")
         return {k: v for k, v in snap.items() if not any(k.startswith(i) for i in incomplete)}
 
-    for point in ("extract", "pca-partial", "project"):
+    for point in ("extract", "pca-pass", "project"):
         before = settled(snapshot(results)) if results.exists() else {}
         proc = run_until_paused(work, point)
         finished = snapshot(results)

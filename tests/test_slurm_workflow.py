@@ -81,7 +81,7 @@ def test_slurm_run_matches_local_run(tmp_path, local_reference):
     proc = run_snakemake(work, "--configfile", "config.yaml", *SLURM_ARGS, env=ENV, timeout=1500)
     assert "slurm" in (proc.stdout + proc.stderr).lower()
     logs = list((work / ".snakemake" / "slurm_logs").rglob("*.log"))
-    assert any("rule_train" in str(p) for p in logs) and any("rule_pca_partial" in str(p) for p in logs)
+    assert any("rule_train" in str(p) for p in logs) and any("rule_pca_pass" in str(p) for p in logs)
     assert_same_metrics(metrics(local_reference), metrics(work))
     again = run_snakemake(work, "--configfile", "config.yaml", *SLURM_ARGS, "-n", env=ENV)
     assert "Nothing to be done" in again.stdout + again.stderr

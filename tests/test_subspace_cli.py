@@ -46,7 +46,7 @@ def test_subspace_pipeline(setup, capsys):
     model, tr, te = r / "model.pt", r / "id_train", r / "id_test"
     sp = json.dumps({**P, "blocks": "stages"})
     for s in (0, 1):
-        run("gradstats-partial", "--model", model, "--data-dir", tr, "--shard", s, "--params", sp,
+        run("gradstats-partial", "--model", model, "--data-dir", tr, "--shards", s, "--params", sp,
             "--out", r / f"stats/partial/shard-{s}.npz", "--timing", r / f"stats/timing-{s}.json")
     run("gradstats-reduce", "--partials", r / "stats/partial/shard-0.npz", r / "stats/partial/shard-1.npz",
         "--params", json.dumps({"normalize": {"scale": "second_moment"}}), "--out", r / "stats/stats.zarr")
@@ -54,30 +54,46 @@ def test_subspace_pipeline(setup, capsys):
     assert dict(st.attrs)["count"] == 60
     assert json.loads((r / "stats/timing-0.json").read_text())["seconds"]["gradient"] > 0
 
-    # PCA, T = 2 iterations unrolled + the final Rayleigh–Ritz pass
+    # PCA: passes 0..2 over two data parts (shard 0 and shard 1), reduce after each,
+    # then the lift pass from the Rayleigh–Ritz of pass 2 and the finalize
     stats = r / "stats/stats.zarr"
     run("pca-init", "--stats", stats, "--params", '{"k": 4, "oversample": 4, "seed": 0}',
-        "--out", r / "pca/V-000.zarr")
+        "--out", r / "pca/V-init.zarr")
+    basis, krylov = r / "pca/V-init.zarr", []
     for t in range(3):
         parts = []
         for s in (0, 1):
-            parts.append(r / f"pca/iter-{t:03d}/shard-{s}.zarr")
-            run("pca-partial", "--model", model, "--data-dir", tr, "--shard", s, "--stats", stats,
-                "--basis", r / f"pca/V-{t:03d}.zarr", "--params", json.dumps({**P, "method": "jvp_vjp"}),
-                "--out", parts[-1])
-        if t < 2:
-            run("pca-reduce", "--basis", r / f"pca/V-{t:03d}.zarr", "--partials", *parts, "--stats", stats,
-                "--out", r / f"pca/V-{t + 1:03d}.zarr", "--diagnostics", r / f"pca/iter-{t:03d}/diag.json")
-    run("pca-finalize", "--basis", r / "pca/V-002.zarr", "--partials", *parts, "--stats", stats,
-        "--out", r / "pca/subspace.zarr")
-    diag = json.loads((r / "pca/iter-001/diag.json").read_text())
-    assert len(diag["ritz_values"]) == 8 and 0 < diag["captured_variance"] <= 1
+            parts.append(r / f"pca/pass-{t:03d}/part-{s}.zarr")
+            run("pca-pass", "--model", model, "--data-dir", tr, "--shards", s, "--stats", stats,
+                "--basis", basis, "--params", json.dumps({**P, "method": "jvp_vjp"}), "--out", parts[-1])
+        basis = r / f"pca/pass-{t:03d}/V-next.zarr"
+        run("pca-reduce", "--parts", *parts, *(["--krylov", *krylov] if krylov else []), "--stats", stats,
+            "--out-basis", basis, "--out-krylov", r / f"pca/krylov/pass-{t:03d}.zarr",
+            "--diagnostics", r / f"pca/diagnostics/pass-{t:03d}.json")
+        krylov.append(r / f"pca/krylov/pass-{t:03d}.zarr")
+    for t in range(3):  # every diagnostics file describes the pass it is named after
+        d = json.loads((r / f"pca/diagnostics/pass-{t:03d}.json").read_text())
+        assert d["pass"] == t and d["passes"] == t + 1
+        assert dict(open_store(krylov[t]).attrs)["pass"] == t
+    diag = json.loads((r / "pca/diagnostics/pass-002.json").read_text())
+    assert len(diag["ritz_values"]) == 8 and 0 < diag["captured_variance_topk"] <= 1
+    assert len(diag["residuals"]) == 4 and diag["max_residual"] == max(diag["residuals"])
+    lifts = []
+    for s in (0, 1):
+        lifts.append(r / f"pca/lift/part-{s}.zarr")
+        run("pca-lift", "--model", model, "--data-dir", tr, "--shards", s, "--stats", stats,
+            "--krylov", krylov[-1], "--params", json.dumps(P), "--out", lifts[-1])
+    run("pca-finalize", "--parts", *lifts, "--krylov", krylov[-1], "--stats", stats,
+        "--diagnostics", *[r / f"pca/diagnostics/pass-{t:03d}.json" for t in range(3)],
+        "--params", '{"tol": 0.5}', "--out", r / "pca/subspace.zarr")
     pca = dict(open_store(r / "pca/subspace.zarr").attrs)
     assert pca["k"] == 4 and pca["type"] == "pca" and len(pca["eigenvalues"]) == 4
+    assert pca["passes"] == 4 and len(pca["convergence"]) == 3 and pca["orthonormality_error"] < 1e-4
+    assert pca["eigenvalues"] == pytest.approx([v for v in diag["ritz_values"][:4]], rel=1e-9)
 
     # AG
     for s in (0, 1):
-        run("ag-partial", "--model", model, "--data-dir", tr, "--shard", s, "--stats", stats,
+        run("ag-partial", "--model", model, "--data-dir", tr, "--shards", s, "--stats", stats,
             "--params", json.dumps(P), "--out", r / f"ag/shard-{s}.zarr")
     run("ag-reduce", "--partials", r / "ag/shard-0.zarr", r / "ag/shard-1.zarr", "--stats", stats,
         "--out", r / "ag/subspace.zarr")
@@ -140,7 +156,7 @@ def test_subspace_pipeline(setup, capsys):
 def test_bad_input_exit_2(setup, capsys):
     r = setup
     code = main(["gradstats-partial", "--model", str(r / "model.pt"), "--data-dir", str(r / "id_train"),
-                 "--shard", "0", "--params", json.dumps({**P, "bogus": 1}), "--out", str(r / "x.npz")])
+                 "--shards", "0", "--params", json.dumps({**P, "bogus": 1}), "--out", str(r / "x.npz")])
     assert code == 2 and "bogus" in capsys.readouterr().err
     code = main(["pca-init", "--stats", str(r / "missing.zarr"), "--out", str(r / "v.zarr")])
     assert code == 2 and "missing.zarr" in capsys.readouterr().err

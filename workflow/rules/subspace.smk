@@ -1,6 +1,6 @@
 # The gradient subspace of the low-dimensional gradient paper (Wu et al.):
-# normalization statistics of the energy gradient over ID train (per-shard partial sums,
-# one reduce), the average-gradient (AG) subspace, the PCA subspace by block power
+# normalization statistics of the energy gradient over ID train (partial sums per data
+# part, one reduce), the average-gradient (AG) subspace, the PCA subspace by block power
 # iteration unrolled into one set of jobs per iteration (so an interrupted run resumes
 # at the last finished iteration), projection of every shard onto each subspace, and the
 # paper's detectors on the reduced gradients.
@@ -11,14 +11,15 @@ rule gradstats_partial:
         model=MODEL,
         data=f"{R}/data/id_train",
     output:
-        f"{R}/subspace/stats/partial/shard-{{shard}}.npz",
+        f"{R}/subspace/stats/partial/part-{{part}}.npz",
     params:
         code=code_version("subspace"),
         spec=jarg(subspace_grad_params(stats=True)),
+        shards=lambda wc: part_shards(wc.part),
     log:
-        f"{LOGS}/subspace/gradstats_partial/shard-{{shard}}.log",
+        f"{LOGS}/subspace/gradstats_partial/part-{{part}}.log",
     benchmark:
-        f"{BENCH}/gradstats_partial/shard-{{shard}}.tsv"
+        f"{BENCH}/gradstats_partial/part-{{part}}.tsv"
     threads: THREADS
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
@@ -27,13 +28,13 @@ rule gradstats_partial:
         "../../envs/gradspace.yaml"
     shell:
         "GRADSPACE_THREADS={threads} gradspace gradstats-partial --model {input.model} "
-        "--data-dir {input.data} --shard {wildcards.shard} --params {params.spec} "
+        "--data-dir {input.data} --shards {params.shards} --params {params.spec} "
         "--out {output} > {log} 2>&1"
 
 
 rule gradstats_reduce:
     input:
-        expand(f"{R}/subspace/stats/partial/shard-{{shard}}.npz", shard=range(n_shards("id_train"))),
+        expand(f"{R}/subspace/stats/partial/part-{{part}}.npz", part=DATA_PARTS_IDS),
     output:
         directory(f"{R}/subspace/stats/stats.zarr"),
     params:
@@ -58,15 +59,16 @@ rule ag_partial:
         data=f"{R}/data/id_train",
         stats=STATS,
     output:
-        directory(f"{R}/subspace/ag/partial/shard-{{shard}}.zarr"),
+        temp(directory(f"{R}/subspace/ag/partial/part-{{part}}.zarr")),
     params:
         code=code_version("subspace"),
         spec=jarg({**subspace_grad_params(), "method": config["subspace"]["method"],
                    "num_classes": config["data"]["id"]["num_classes"]}),
+        shards=lambda wc: part_shards(wc.part),
     log:
-        f"{LOGS}/subspace/ag_partial/shard-{{shard}}.log",
+        f"{LOGS}/subspace/ag_partial/part-{{part}}.log",
     benchmark:
-        f"{BENCH}/ag_partial/shard-{{shard}}.tsv"
+        f"{BENCH}/ag_partial/part-{{part}}.tsv"
     threads: THREADS
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
@@ -75,12 +77,12 @@ rule ag_partial:
         "../../envs/gradspace.yaml"
     shell:
         "GRADSPACE_THREADS={threads} gradspace ag-partial --model {input.model} --data-dir {input.data} "
-        "--stats {input.stats} --shard {wildcards.shard} --params {params.spec} --out {output} > {log} 2>&1"
+        "--stats {input.stats} --shards {params.shards} --params {params.spec} --out {output} > {log} 2>&1"
 
 
 rule ag_reduce:
     input:
-        partials=expand(f"{R}/subspace/ag/partial/shard-{{shard}}.zarr", shard=range(n_shards("id_train"))),
+        partials=expand(f"{R}/subspace/ag/partial/part-{{part}}.zarr", part=DATA_PARTS_IDS),
         stats=STATS,
     output:
         directory(f"{R}/subspace/ag/subspace.zarr"),

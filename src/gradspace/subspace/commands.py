@@ -119,9 +119,11 @@ def cmd_gradstats_partial(a):
                       o["precision"])
     timer = Timer()
     with timer("total", dev):
-        sums = accumulate_moments(eng, _batches(a.data_dir, a.shard, o, dev)(), layout, dev, timer)
-    save_partial(a.out, sums, layout, {"shard": a.shard, "selection": o["params"],
-                                       "temperature": float(o["temperature"]), "blocks_spec": o["blocks"]})
+        sums = accumulate_moments(eng, _shard_batches(a.data_dir, a.shards, o, dev, "gradstats-partial"),
+                                  layout, dev, timer)
+    save_partial(a.out, sums, layout, {"shard": _part_label(a.shards), "shards": [int(s) for s in a.shards],
+                                       "selection": o["params"], "temperature": float(o["temperature"]),
+                                       "blocks_spec": o["blocks"]})
     _write_timing(a.timing, "gradstats-partial", timer, dev, sums["count"],
                   {"num_params": layout.num_params, "strategy": eng.strategy_used})
 
@@ -164,10 +166,12 @@ def cmd_ag_partial(a):
     C = int(o["num_classes"] or meta.get("num_classes") or model.num_classes)
     op = _operator(o["method"], model, stats, o, dev)
     timer = Timer()
+    part = _part_label(a.shards)
     with timer("total", dev):
-        sums, counts = class_sums(op, _batches(a.data_dir, a.shard, o, dev)(), C, timer, dev,
-                                  where=f"{a.data_dir} shard {a.shard}")
-    write_ag_partial(a.out, stats.layout, sums, counts, {"shard": a.shard, "method": o["method"]})
+        sums, counts = class_sums(op, _shard_batches(a.data_dir, a.shards, o, dev, "ag-partial"), C, timer,
+                                  dev, where=f"{a.data_dir} shards {part}")
+    write_ag_partial(a.out, stats.layout, sums, counts, {"shard": part, "shards": [int(s) for s in a.shards],
+                                                         "method": o["method"]})
     _write_timing(a.timing, "ag-partial", timer, dev, counts.sum(), {"method": o["method"]})
 
 
@@ -505,10 +509,11 @@ def register(subparsers) -> None:
                        help='JSON {"groups": n | {name: [blocks]}, "group": index | name}: the blocks '
                             "of one group of subspace.block_jobs (instead of --blocks)")
 
-    p = add("gradstats-partial", cmd_gradstats_partial, "per-shard sums of ∇E and ∇E² (normalization stats)")
+    p = add("gradstats-partial", cmd_gradstats_partial, "sums of ∇E and ∇E² over some shards "
+                                                        "(normalization stats)")
     p.add_argument("--model", required=True)
     p.add_argument("--data-dir", required=True)
-    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--shards", type=int, nargs="+", required=True, help="ID-train shards of this data part")
     p.add_argument("--out", required=True, help="partial sums .npz")
     compute(p, "; params (selection), blocks, temperature")
 
@@ -518,10 +523,10 @@ def register(subparsers) -> None:
                    help='JSON {"normalize": {"mean": true, "scale": "second_moment", "var_floor": 1e-8}}')
     p.add_argument("--out", required=True, help="stats.zarr")
 
-    p = add("ag-partial", cmd_ag_partial, "per-shard class sums of G (average-gradient subspace)")
+    p = add("ag-partial", cmd_ag_partial, "class sums of G over some shards (average-gradient subspace)")
     for opt in ("--model", "--data-dir", "--stats"):
         p.add_argument(opt, required=True)
-    p.add_argument("--shard", type=int, required=True)
+    p.add_argument("--shards", type=int, nargs="+", required=True, help="ID-train shards of this data part")
     p.add_argument("--out", required=True)
     compute(p, "; method (jvp_vjp|persample), num_classes")
 
