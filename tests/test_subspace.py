@@ -146,14 +146,65 @@ def test_nonfinite_statistics_name_the_parameter():
     with pytest.raises(NumericalError, match=r"head\.weight\[0, 5\]"):
         stats.reduce_moments([bad], layout)
     zero = {"count": np.int64(4), "sum": np.zeros(P), "sumsq": np.ones(P)}
-    zero["sumsq"][layout.offsets[layout.names.index("bn.bias")] + 2] = 0.0
-    with pytest.raises(NumericalError, match=r"bn\.bias\[2\]"):
-        stats.reduce_moments([zero], layout, {"var_floor": 0.0})
-    st = stats.reduce_moments([zero], layout, {"var_floor": 1e-6})  # the floor keeps G finite
-    d_mean = 0.25 * (P - 1) / P  # diag(I) = Σg²/n = 1/4 except the zero entry
-    assert np.isfinite(st.scale).all() and st.scale.max() == pytest.approx(1 / np.sqrt(1e-6 * d_mean))
+    dead = layout.offsets[layout.names.index("bn.bias")] + 2
+    zero["sumsq"][dead] = 0.0  # diag(I) = Σg²/n = 1/4 except the zero (dead) entry
+    for floor in (0.0, 1e-6):  # a dead entry takes the largest finite scale, floor or not
+        st = stats.reduce_moments([zero], layout, {"var_floor": floor})
+        assert np.isfinite(st.scale).all() and st.scale[dead] == st.scale.max() == pytest.approx(2.0)
+    tiny = {k: v.copy() for k, v in zero.items()}
+    tiny["sumsq"][dead] = 4e-12  # live but near-dead: the floor bounds its scale
+    d_mean = (0.25 * (P - 1) + 1e-12) / P
+    st = stats.reduce_moments([tiny], layout, {"var_floor": 1e-6})
+    assert st.scale[dead] == st.scale.max() == pytest.approx(1 / np.sqrt(1e-6 * d_mean))
+    allzero = {"count": np.int64(4), "sum": np.zeros(P), "sumsq": np.zeros(P)}
+    with pytest.raises(NumericalError, match=r"zero for all .* conv\.weight"):
+        stats.reduce_moments([allzero], layout)
     with pytest.raises(NumericalError, match="conv.weight"):
         layout.check_finite("x", np.r_[np.inf, np.zeros(P - 1)])
+
+
+def test_default_normalization_is_the_centred_variance_with_dead_parameters_at_the_largest_scale():
+    """Default diag(I) = E[(g − M)²] (paper §3.2 "variance matrix"; the authors' code takes
+    the mean of (∇E − M)² and replaces the infinite 1/√I of dead parameters by the largest
+    finite value), checked against numpy on a model with an all-zero-gradient channel."""
+    import yaml
+
+    model = make_model()
+    with torch.no_grad():  # channel 1 dead: BN γ = 0 and β < 0, so ReLU output is 0 everywhere
+        model.bn.weight[1] = 0.0
+        model.bn.bias[1] = -1.0
+    x, _ = make_data(60)
+    layout = layout_of(model)
+    st, g = stats_of(model, x, layout, shards=3)
+    assert st.options["scale"] == "variance" and st.options["mean"] is True
+    M = g.mean(0)
+    L = ((g - M) ** 2).mean(0)  # centred variance, two-pass
+    dead = np.all(g == 0, axis=0)
+    bn_w, conv = (layout.offsets[layout.names.index(n)] for n in ("bn.weight", "conv.weight"))
+    assert dead[bn_w + 1] and dead[conv + 9:conv + 18].all() and 20 <= dead.sum() < len(dead) // 2
+    with np.errstate(divide="ignore"):
+        I2 = 1 / np.sqrt(L)
+    I2[np.isinf(I2)] = I2[np.isfinite(I2)].max()  # the authors' replacement of infinite entries
+    np.testing.assert_allclose(st.mean, M, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(st.scale, I2, rtol=1e-7)
+    assert np.all(st.scale[dead] == st.scale[~dead].max())
+    G = (g - st.mean) * st.scale
+    assert np.all(G[:, dead] == 0) and np.isfinite(G).all()
+    np.testing.assert_allclose(st.total_variance, (G * G).sum(1).mean(), rtol=1e-6)
+    # the uncentred second moment stays available, and differs
+    sm, _ = stats_of(model, x, layout, {"scale": "second_moment"})
+    with np.errstate(divide="ignore"):
+        I2m = 1 / np.sqrt((g * g).mean(0))
+    I2m[np.isinf(I2m)] = I2m[np.isfinite(I2m)].max()
+    np.testing.assert_allclose(sm.scale, I2m, rtol=1e-7)
+    assert not np.allclose(sm.scale, st.scale, rtol=1e-3)
+    # the workflow schema writes the same default
+    from pathlib import Path
+
+    schema = yaml.safe_load((Path(__file__).parents[1] / "workflow/schemas/config.schema.yaml").read_text())
+    norm = schema["properties"]["subspace"]["properties"]["normalize"]["properties"]
+    assert {k: v["default"] for k, v in norm.items()} == stats.DEFAULT_NORMALIZE
+    assert stats.normalize_options(None)["scale"] == "variance"
 
 
 def test_stats_store_roundtrip(tmp_path):

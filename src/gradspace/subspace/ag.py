@@ -7,12 +7,49 @@ labels) come from one ``gtu`` product of either operator (a single vmapped vjp f
 ``jvp_vjp``). The reduce divides by the class counts. The stored basis is orthonormalized
 by the same TSQR as the PCA (Gram–Schmidt order of the classes, diag(R) ≥ 0) so that
 projections G·V are coordinates in the span and ‖G − G V Vᵀ‖ is the reconstruction error
-of Table 2. Columns whose R diagonal is below 1e-6 of the largest are dropped: with the
-centring by M the class means satisfy Σ_c n_c μ_c = 0, so the span has dimension C − 1
-(k is the rank, recorded with C). ``orthonormalize: false`` keeps the C raw class means as V
-(G·V = inner products with the class means, as the paper's eq. 4 reads literally).
-The raw means are stored as well (``means.<block>``), for the
-cosine-to-class-mean diagnostic (Table 13).
+of Table 2. ``orthonormalize: false`` keeps the C raw class means as V (G·V = inner
+products with the class means, as the paper's eq. 4 reads literally). The raw means are
+stored as well (``means.<block>``), for the cosine-to-class-mean diagnostic (Table 13).
+
+Rank. k is the numerical rank of U = [μ_1 … μ_C] (recorded with C), decided in two steps.
+
+1. The centring constraint. When the statistics subtracted the mean M of the same
+   ID-train gradients (``normalize.mean: true``, the default; the reduce checks that the
+   sample counts agree), Σ_c n_c μ_c = Σ_i G_i = diag(s)(Σ_i g_i − N·M) = 0 exactly, so the
+   span has dimension at most C − 1. The measured Σ_c n_c μ_c is not zero but float32
+   rounding noise (M comes from the float64 sums of the statistics pass, the class sums
+   from float32 products in which s ⊙ Σ u_i g_i and s ⊙ M Σ u_i nearly cancel). That
+   noise would survive as one extra direction, and Mahalanobis on the coordinates would
+   whiten it into a full coordinate. It is removed exactly: U ← U (I − n nᵀ / nᵀn)
+   (n the class counts), the least change of U that satisfies U n = 0. The last class's
+   mean is then an exact float64 combination of the others, its R diagonal is at float64
+   round-off, and at most C − 1 columns survive the cut below.
+
+2. The float32 noise floor. Columns whose R diagonal (the norm of μ_c's component
+   orthogonal to the earlier class means) is at or below
+
+       τ = ε₃₂ · √N · ρ,   ρ = (E‖s ⊙ g‖²)^(1/2) = (tr(C)/N + ‖s ⊙ m‖²)^(1/2),
+
+   are dropped (ε₃₂ = 2⁻²³ the float32 machine epsilon, N the ID-train count). Reasoning:
+   the class sums accumulate N per-sample terms in float32, each of norm about ρ before
+   the centring cancels (the operators form s ⊙ (Σ u_i g_i − m Σ u_i), so rounding is
+   relative to the raw, uncentred gradient); recursive accumulation of n terms gives an
+   error of norm up to about ε₃₂ · n^(3/2) · ρ under random rounding, i.e. ε₃₂ · √n · ρ per
+   mean; n_c ≤ N, and matrix products and the float64 sums across batches only make it
+   smaller, so τ bounds the noise in a mean, and a column at or below τ carries no
+   direction the data determine. Without statistics (raw gradients) ρ is replaced by its
+   lower bound (Σ_c (n_c/N) ‖μ_c‖²)^(1/2). Measured on an untrained small_cnn (the demo's
+   architecture, 103k parameters, C = 10, N = 4000 synthetic class-structured inputs,
+   variance scale, ``jvp_vjp``): the noise column had
+   R ≈ 6e-6 · max R (4e-6 with ``persample``), τ ≈ 1.1e-4 · max R, the genuine columns
+   ≥ 0.69 · max R. The former cut (1e-6 · max R) kept the noise column (k = 10, now 9).
+   Two classes with the same mean (e.g. duplicated inputs) lose one more column the same
+   way (k = C − 2). τ, the constraint flag and the measured residual ‖Σ_c n_c μ_c‖ / N are
+   recorded (``rank_tol``, ``centred``, ``centring_residual``).
+
+The basis is the Gram–Schmidt orthonormalization of the kept class means, in class order:
+Q Q_r with R[:, keep] = Q_r R_r, not Q[:, keep], since the Q column of a dropped class in the
+middle is a noise direction that the later columns were orthogonalized against.
 """
 
 from __future__ import annotations
@@ -62,6 +99,22 @@ def write_ag_partial(path, layout: ParamLayout, sums: dict, counts: np.ndarray, 
             put_array(g, f"S.{b}", arr)
 
 
+EPS32 = float(np.finfo(np.float32).eps)
+
+
+def rank_tolerance(n: int, stats=None, mean_rms: float = 0.0) -> float:
+    """τ = ε₃₂ · √N · ρ, the float32 noise floor of a class mean (module docstring):
+    ρ² = E‖s ⊙ g‖² = tr(C)/N + ‖s ⊙ m‖² from the statistics, or without them its lower
+    bound ``mean_rms`` = (Σ_c (n_c/N) ‖μ_c‖²)^(1/2)."""
+    if stats is not None:
+        rho2 = float(stats.total_variance) + float(np.sum((np.asarray(stats.scale, np.float64)
+                                                              * np.asarray(stats.mean, np.float64)) ** 2))
+        rho = max(np.sqrt(max(rho2, 0.0)), mean_rms)
+    else:
+        rho = mean_rms
+    return EPS32 * np.sqrt(max(int(n), 1)) * rho
+
+
 def reduce_ag(partial_paths, layout: ParamLayout, out_path, orthonormalize: bool = True,
               stats=None, attrs: dict | None = None) -> dict:
     opened, n = open_partials(partial_paths, layout, kind=AG_PARTIAL_KIND)
@@ -81,18 +134,47 @@ def reduce_ag(partial_paths, layout: ParamLayout, out_path, orthonormalize: bool
         return summed_block(opened, b, key="S") / counts[None, :]
 
     C = counts.size
+    centred = bool(stats is not None and stats.options.get("mean", True))
+    info_rank: dict = {"centred": centred}
     if orthonormalize:
-        get, R = tsqr(layout.block_names, means)
+        w = counts.astype(np.float64)
+        N = float(w.sum())
+        acc = {"resid": 0.0, "mean_sq": np.zeros(C)}
+
+        def constrained(b):  # tsqr loads each block once
+            mb = means(b)
+            e = mb @ w                                   # block of Σ_c n_c μ_c
+            acc["resid"] += float(e @ e)
+            acc["mean_sq"] += np.sum(mb * mb, axis=0)
+            return mb - np.outer(e, w) / (w @ w) if centred else mb
+
+        get, R = tsqr(layout.block_names, constrained)
         r = np.abs(np.diag(R))
-        keep = np.flatnonzero(r > 1e-6 * r.max())
+        residual = np.sqrt(acc["resid"]) / N  # ‖Σ_c n_c μ_c‖ / N: 0 in exact arithmetic when centred
+        tol = rank_tolerance(n, stats, float(np.sqrt(np.sum(w / N * acc["mean_sq"]))))
+        keep = np.flatnonzero(r > tol)
+        if centred:
+            keep = keep[:C - 1]  # exact after the projection; a guard against a degenerate tol
         rank = int(keep.size)
+        if rank == 0:
+            raise DataError(f"AG subspace: the {C} class means span no direction above the float32 "
+                            f"noise floor {tol:.3g} (centred: {centred})")
+        info_rank.update(rank_tol=float(tol), centring_residual=float(residual))
+        # The kept means U[:, keep] = Q R[:, keep]: their orthonormal basis is Q Q_r with
+        # R[:, keep] = Q_r R_r (C×k). Not Q[:, keep]: a dropped column in the middle (a class
+        # whose mean repeats earlier ones) has a noise direction as its Q column, and later
+        # columns of Q were orthogonalized against it. For a kept prefix Q_r = [I; 0].
+        Qr, Rr = np.linalg.qr(R[:, keep], mode="reduced")
+        sign = np.sign(np.diag(Rr))
+        sign[sign == 0] = 1.0
+        Qr = Qr * sign[None, :]
 
         def basis(b):
-            return get(b)[:, keep]
+            return get(b) @ Qr
     else:
         basis, rank, keep = means, None, np.arange(C)
     info = {"kind": SUBSPACE_KIND, "type": "ag", "k": int(keep.size), "classes": C, "n": n,
-            "counts": counts.tolist(), "orthonormal": bool(orthonormalize), "rank": rank,
+            "counts": counts.tolist(), "orthonormal": bool(orthonormalize), "rank": rank, **info_rank,
             "total_variance": stats.total_variance if stats is not None else None, **dict(attrs or {})}
     with atomic_group(out_path, {"layout": layout.to_dict(), **info}) as g:
         for b in layout.block_names:

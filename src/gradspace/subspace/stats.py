@@ -2,19 +2,31 @@
 
 With E(x) = −T·logsumexp(f(x)/T) (eq. 1) and g(x) = ∇θE(x) ∈ R^P over the ID-train set:
 
-    M = E[g]              (mean),
-    diag(I) = E[g ⊙ g]    (diagonal of I = E[g gᵀ], the "variance matrix" of eq. 3),
+    M = E[g]                   (mean),
+    diag(I) = E[(g − M)²]      (the "variance matrix" of §3.2, its diagonal),
     G(x) = diag(I)^(-1/2) (g(x) − M).
 
 Each ID-train shard contributes partial sums (count, Σg, Σg²) in float64; one reduce rule
-adds them and forms M and the scale s = diag(I)^(-1/2). Options:
+adds them and forms M and the scale s = diag(I)^(-1/2). Options (``subspace.normalize``):
 
 - ``mean: false`` drops the centring (m = 0);
-- ``scale``: ``second_moment`` (diag(I) = E[g²], default), ``variance`` (E[g²] − M²), or
+- ``scale``: ``variance`` (default, the paper's: diag(I) = E[g²] − M², the centred variance
+  the authors' code computes as the mean of (∇E − M)² and the paper calls "the mean and
+  variance matrix"; formed here from the float64 sums and clipped at 0, equal to the
+  two-pass mean of (g − M)² up to float64 cancellation), ``second_moment`` (diag(I) = E[g²],
+  uncentred; an alternative), or
   ``none`` (s = 1; the paper's choice for MobileNet-v2/DenseNet-121, whose diag(I) had
-  zero entries that made G infinite);
-- ``var_floor``: entries of diag(I) below ``var_floor``·mean(diag(I)) are raised to it.
-  With ``var_floor: 0`` a zero entry is an error that names the parameter.
+  many zero entries that made G infinite);
+- dead parameters (diag(I) = 0 exactly, e.g. a gradient that is zero on every sample)
+  get the largest finite scale of the other parameters, as the authors' code does (it
+  replaces the infinite entries of 1/√I by the largest finite one); G is then 0 there
+  with the centring, and a scale of the same order as the live ones without it. Only
+  when every entry is zero is that an error;
+- ``var_floor``: live entries (diag(I) > 0) below ``var_floor``·mean(diag(I)) are raised to
+  it, so a near-dead parameter cannot get an unbounded scale (default 1e-8 of the mean,
+  which leaves ordinary variances alone; 0 disables it). The floor applies before the
+  dead entries take the largest scale, so that largest scale is at most
+  (var_floor·mean(diag(I)))^(-1/2).
 
 NaN or inf in a partial sum or in the resulting M and s raise NumericalError naming the
 parameter and element. The stats also record tr(C)/N = Σ_p s_p² E[(g_p − m_p)²], the
@@ -33,8 +45,8 @@ from ..store import ShardWriter, open_store
 from .io import json_scalar, load_npz, read_json_scalar, save_npz
 from .layout import ParamLayout
 
-SCALES = ("second_moment", "variance", "none")
-DEFAULT_NORMALIZE = {"mean": True, "scale": "second_moment", "var_floor": 1.0e-8}
+SCALES = ("variance", "second_moment", "none")
+DEFAULT_NORMALIZE = {"mean": True, "scale": "variance", "var_floor": 1.0e-8}
 
 
 def normalize_options(opts: dict | None) -> dict:
@@ -130,6 +142,23 @@ def load_partial(path) -> tuple[dict, ParamLayout, dict]:
 
 # -- reduce -------------------------------------------------------------------------------
 
+def inverse_sqrt_scale(d: np.ndarray, var_floor: float, layout: ParamLayout, where: str = "") -> np.ndarray:
+    """s = diag(I)^(-1/2) with the floor for live entries and the largest finite scale for
+    dead (zero) ones (module docstring)."""
+    live = d > 0
+    if not live.any():
+        raise NumericalError(
+            f"diag(I) is zero for all {d.size} parameters{' in ' + where if where else ''} "
+            f"(first {layout.locate_flat(0)}): every gradient is constant, "
+            "G = diag(I)^(-1/2)(∇E − M) has no finite scale; use subspace.normalize.scale: none")
+    floor = float(var_floor) * float(d.mean())
+    scale = np.empty_like(d)
+    scale[live] = 1.0 / np.sqrt(np.maximum(d[live], floor))
+    scale[~live] = scale[live].max()
+    layout.check_finite("normalization scale diag(I)^(-1/2)", scale, where)
+    return scale
+
+
 def reduce_moments(parts, layout: ParamLayout, options: dict | None = None, where: str = "") -> GradStats:
     """Sum partial (count, Σg, Σg²) and form m, s (see the module docstring)."""
     opts = normalize_options(options)
@@ -152,16 +181,7 @@ def reduce_moments(parts, layout: ParamLayout, options: dict | None = None, wher
         scale = np.ones_like(mean)
     else:
         d = second if opts["scale"] == "second_moment" else var
-        floor = opts["var_floor"] * float(d.mean())
-        zero = d <= 0 if floor == 0 else np.zeros(d.shape, bool)
-        if zero.any():
-            pos = int(np.argmax(zero))
-            raise NumericalError(
-                f"diag(I) has {int(zero.sum())} zero entries{' in ' + where if where else ''}, first at "
-                f"parameter {layout.locate_flat(pos)}: G = diag(I)^(-1/2)(∇E − M) would be infinite; "
-                "set subspace.normalize.var_floor > 0 or scale: none")
-        scale = 1.0 / np.sqrt(np.maximum(d, floor))
-        layout.check_finite("normalization scale diag(I)^(-1/2)", scale, where)
+        scale = inverse_sqrt_scale(d, opts["var_floor"], layout, where)
     total = float(np.sum(centred * scale * scale))
     return GradStats(layout, m, scale, n, total, opts)
 
