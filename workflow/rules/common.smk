@@ -256,6 +256,20 @@ def pca_all_gv_parts(it):
     return [f"{PCA}/pass-{t:03d}/gv/group-{g}/part-{w}.zarr" for w in DATA_PARTS_IDS for g in BLOCK_GROUPS]
 
 
+def pca_previous_parts(it):
+    """What the pass before ``it`` wrote for its reduce (released by the jobs of pass it)."""
+    t = int(it)
+    return [] if t == 0 else pca_pass_parts(t - 1) + pca_all_gv_parts(t - 1)
+
+
+def release_arg(paths):
+    return f"--release {' '.join(paths)}" if paths else ""
+
+
+def ag_partials():
+    return [f"{R}/subspace/ag/partial/part-{w}.zarr" for w in DATA_PARTS_IDS]
+
+
 def pca_gv_parts(wc):
     """The G_g·V_g parts of every block group for one (pass, data part)."""
     return [f"{PCA}/pass-{wc.it}/gv/group-{g}/part-{wc.part}.zarr" for g in BLOCK_GROUPS]
@@ -277,7 +291,7 @@ def pca_final_pass():
         return int(its)
     last = int(SUB["max_iterations"])
     for t in range(1, last + 1):
-        diag = checkpoints.pca_reduce.get(it=f"{t:03d}").output.diagnostics
+        diag = checkpoints.pca_diagnostics.get(it=f"{t:03d}").output[0]
         if _max_residual(diag) <= float(SUB["tol"]):
             return t
     return last
@@ -388,6 +402,17 @@ def report_sections():
                                "OOD gradients less so."})
         sec.append({"title": f"Explained variance ({sp.upper()}, paper Fig. 8)",
                     "image": f"{d}/explained_variance.png", "csv": f"{d}/explained_variance.csv"})
+        if sp == "pca":
+            sec.append({"title": "PCA convergence", "image": f"{d}/convergence.png",
+                        "csv": f"{d}/convergence.csv",
+                        "caption": f"Largest relative residual ||C v - lambda v|| / lambda of the top-k Ritz "
+                                   f"pairs after each data pass ({SUB['solver']} solver, iterations: "
+                                   f"{SUB['iterations']}); the run stops once it is below subspace.tol = "
+                                   f"{SUB['tol']}, then one more pass lifts the Ritz vectors."})
+            sec.append({"title": "PCA directions and their residuals", "csv": f"{d}/directions.csv",
+                        "caption": "Each direction of the PCA basis: eigenvalue (per sample), residual, and "
+                                   "whether it met subspace.tol (NO marks an unconverged direction: the basis "
+                                   "is then not the PCA subspace to that accuracy)."})
     g = f"{R}/diagnostics/gradient"
     sec.append({"title": "Nearest-neighbour distances, whole vs reduced space (paper Table 9)",
                 "csv": f"{g}/nn_distances.csv"})

@@ -108,14 +108,17 @@ rule ag_reduce:
 # over all shards of its part), then the checkpoint pca_reduce writes V_{t+1}, the small
 # Krylov record of pass t (sample-space images G·V_t, N×K') and its diagnostics. With
 # subspace.iterations: auto the finalize inputs ask for one more pass until the largest
-# residual of the top-k Ritz pairs meets subspace.tol (or max_iterations). Bases and pass
-# parts are temp(): each is deleted as soon as the jobs that read it are done, so the disk
-# in use holds at most V_t, the parts of one pass and V_{t+1}, whatever the shard count.
+# residual of the top-k Ritz pairs meets subspace.tol (or max_iterations). Pass parts are
+# temp(); each basis is released by the reduce after the pass that read it (in-job:
+# Snakemake defers temp() deletion while checkpoints are pending, i.e. the whole
+# iteration), so the disk in use holds at most V_t or V_{t+1}, the parts of one pass and
+# V_{t+1}, whatever the shard count. The basis after the last pass stays, so a tighter
+# tolerance later continues where the run stopped.
 rule pca_init:
     input:
         STATS,
     output:
-        temp(directory(f"{PCA}/V-init.zarr")),
+        directory(f"{PCA}/V-init.zarr"),
     params:
         code=code_version("subspace"),
         spec=jarg(pca_init_params()),
@@ -146,6 +149,7 @@ if not SPLIT_BLOCKS:
             code=code_version("subspace"),
             spec=jarg({**subspace_grad_params(), "method": SUB["method"]}),
             shards=lambda wc: part_shards(wc.part),
+            release=lambda wc: release_arg(pca_previous_parts(wc.it)),
         log:
             f"{LOGS}/subspace/pca_pass/pass-{{it}}/part-{{part}}.log",
         benchmark:
@@ -159,7 +163,7 @@ if not SPLIT_BLOCKS:
         shell:
             "GRADSPACE_THREADS={threads} gradspace pca-pass --model {input.model} --data-dir {input.data} "
             "--stats {input.stats} --basis {input.basis} --shards {params.shards} --params {params.spec} "
-            "--out {output} > {log} 2>&1"
+            "{params.release} --out {output} > {log} 2>&1"
 
 else:
 
@@ -183,6 +187,7 @@ else:
             spec=jarg({**subspace_grad_params(), "method": SUB["method"]}),
             group=lambda wc: block_group_arg(wc.group),
             shards=lambda wc: part_shards(wc.part),
+            release=lambda wc: release_arg(pca_previous_parts(wc.it)),
         log:
             f"{LOGS}/subspace/pca_gv/pass-{{it}}/group-{{group}}/part-{{part}}.log",
         benchmark:
@@ -196,7 +201,7 @@ else:
         shell:
             "GRADSPACE_THREADS={threads} gradspace pca-gv --model {input.model} --data-dir {input.data} "
             "--stats {input.stats} --basis {input.basis} --shards {params.shards} "
-            "--block-group {params.group} --params {params.spec} --out {output} > {log} 2>&1"
+            "--block-group {params.group} --params {params.spec} {params.release} --out {output} > {log} 2>&1"
 
     rule pca_pass_block:
         input:
@@ -230,21 +235,21 @@ else:
             "--block-group {params.group} --params {params.spec} --out {output} > {log} 2>&1"
 
 
-checkpoint pca_reduce:
+rule pca_reduce:
     input:
         parts=lambda wc: pca_pass_parts(wc.it),
         gv=lambda wc: pca_all_gv_parts(wc.it),
         krylov=lambda wc: [pca_krylov(s) for s in range(int(wc.it))],
         stats=STATS,
     output:
-        basis=temp(directory(f"{PCA}/pass-{{it}}/V-next.zarr")),
+        basis=directory(f"{PCA}/pass-{{it}}/V-next.zarr"),
         krylov=directory(f"{PCA}/krylov/pass-{{it}}.zarr"),
-        diagnostics=f"{PCA}/diagnostics/pass-{{it}}.json",
     params:
         code=code_version("subspace"),
         spec=jarg({"solver": SUB["solver"]}),
         gv=lambda wc, input: f"--gv {' '.join(input.gv)}" if input.gv else "",
         krylov=lambda wc, input: f"--krylov {' '.join(input.krylov)}" if input.krylov else "",
+        release=lambda wc: release_arg([pca_basis(wc.it)]),
     log:
         f"{LOGS}/subspace/pca_reduce/pass-{{it}}.log",
     benchmark:
@@ -257,11 +262,50 @@ checkpoint pca_reduce:
     shell:
         "gradspace pca-reduce --parts {input.parts} {params.gv} {params.krylov} --stats {input.stats} "
         "--params {params.spec} --out-basis {output.basis} --out-krylov {output.krylov} "
-        "--diagnostics {output.diagnostics} > {log} 2>&1"
+        "{params.release} > {log} 2>&1"
+
+
+# The checkpoint of the iteration: its small output (kept) tells whether another pass is
+# needed; the basis V_{t+1} is an output of pca_reduce, so releasing it never makes the
+# checkpoint look unfinished.
+checkpoint pca_diagnostics:
+    input:
+        lambda wc: pca_krylov(wc.it),
+    output:
+        f"{PCA}/diagnostics/pass-{{it}}.json",
+    params:
+        code=code_version("subspace"),
+    log:
+        f"{LOGS}/subspace/pca_diagnostics/pass-{{it}}.log",
+    benchmark:
+        f"{BENCH}/pca_diagnostics/pass-{{it}}.tsv"
+    localrule: True
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace pca-diagnostics --krylov {input} --out {output} > {log} 2>&1"
+
+
+rule pca_settings:
+    output:
+        f"{PCA}/settings.json",
+    params:
+        code=code_version("subspace"),
+        spec=jarg({k: SUB[k] for k in ("tol", "iterations", "max_iterations", "solver")}),
+    log:
+        f"{LOGS}/subspace/pca_settings.log",
+    benchmark:
+        f"{BENCH}/pca_settings.tsv"
+    localrule: True
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace pca-settings --params {params.spec} --out {output} > {log} 2>&1"
 
 
 rule pca_lift:
     input:
+        settings=f"{PCA}/settings.json",
         model=MODEL,
         data=f"{R}/data/id_train",
         stats=STATS,
@@ -275,6 +319,7 @@ rule pca_lift:
         spec=jarg({**subspace_grad_params(), "method": SUB["method"]}),
         group=lambda wc: f"--block-group {block_group_arg(wc.group)}" if SPLIT_BLOCKS else "",
         shards=lambda wc: part_shards(wc.part),
+        release=lambda wc: release_arg(pca_pass_parts(pca_final_pass()) + pca_all_gv_parts(pca_final_pass())),
     log:
         f"{LOGS}/subspace/pca_lift/group-{{group}}/part-{{part}}.log",
     benchmark:
@@ -288,11 +333,12 @@ rule pca_lift:
     shell:
         "GRADSPACE_THREADS={threads} gradspace pca-lift --model {input.model} --data-dir {input.data} "
         "--stats {input.stats} --krylov {input.krylov} --shards {params.shards} {params.group} "
-        "--params {params.spec} --out {output} > {log} 2>&1"
+        "--params {params.spec} {params.release} --out {output} > {log} 2>&1"
 
 
 rule pca_finalize:
     input:
+        settings=f"{PCA}/settings.json",
         parts=[f"{PCA}/lift/group-{g}/part-{w}.zarr" for g in LIFT_GROUPS for w in DATA_PARTS_IDS],
         krylov=lambda wc: pca_krylov(pca_final_pass()),
         diagnostics=lambda wc: [f"{PCA}/diagnostics/pass-{s:03d}.json" for s in range(pca_final_pass() + 1)],
@@ -331,6 +377,7 @@ if not SPLIT_BLOCKS:
             code=code_version("project"),
             spec=lambda wc: jarg({**subspace_grad_params(), "space": wc.space,
                                   "method": config["subspace"]["project"]["method"]}),
+            release=lambda wc: release_arg(ag_partials()) if wc.space == "ag" else "",
         log:
             f"{LOGS}/subspace/project/{{space}}/{{dataset}}/shard-{{shard}}.log",
         benchmark:
@@ -344,7 +391,7 @@ if not SPLIT_BLOCKS:
         shell:
             "GRADSPACE_THREADS={threads} gradspace project --model {input.model} --data-dir {input.data} "
             "--stats {input.stats} --subspace {input.subspace} --shard {wildcards.shard} "
-            "--params {params.spec} --out {output} > {log} 2>&1"
+            "--params {params.spec} {params.release} --out {output} > {log} 2>&1"
 
 else:
 
@@ -364,6 +411,7 @@ else:
             code=code_version("project"),
             spec=lambda wc: jarg({**subspace_grad_params(), "space": wc.space,
                                   "method": config["subspace"]["project"]["method"]}),
+            release=lambda wc: release_arg(ag_partials()) if wc.space == "ag" else "",
             group=lambda wc: block_group_arg(wc.group),
         log:
             f"{LOGS}/subspace/project_block/{{space}}/{{dataset}}/group-{{group}}/shard-{{shard}}.log",
@@ -378,7 +426,7 @@ else:
         shell:
             "GRADSPACE_THREADS={threads} gradspace project --model {input.model} --data-dir {input.data} "
             "--stats {input.stats} --subspace {input.subspace} --shard {wildcards.shard} "
-            "--block-group {params.group} --params {params.spec} --out {output} > {log} 2>&1"
+            "--block-group {params.group} --params {params.spec} {params.release} --out {output} > {log} 2>&1"
 
     rule project_merge:
         input:

@@ -243,6 +243,9 @@ def cmd_pca_pass(a):
     from ..runtime import Timer
     from .power import load_basis_tensors, load_gv, partial_products, partial_products_from_gv, write_partial
 
+    from .io import release_consumed
+
+    release_consumed(a.release, "parts of the previous pass")
     o, dev, model, stats, group, battrs, layout, it, blocks = _iteration_job(a, "pca-pass")
     # phase 2 of a block-group job needs only its own blocks' gradients; a one-phase job
     # needs every block for G·V
@@ -269,6 +272,9 @@ def cmd_pca_gv(a):
     from ..runtime import Timer
     from .power import gv_products, load_basis_tensors, write_gv
 
+    from .io import release_consumed
+
+    release_consumed(a.release, "parts of the previous pass")
     o, dev, model, stats, group, battrs, layout, it, blocks = _iteration_job(a, "pca-gv")
     op = _operator(o["method"], model, stats, o, dev, blocks)
     V = load_basis_tensors(group, layout, dev, a.basis, blocks)
@@ -283,6 +289,7 @@ def cmd_pca_gv(a):
 
 def cmd_pca_reduce(a):
     from .diagnostics import write_json
+    from .io import release_consumed
     from .power import reduce_pass
 
     o = dict(a.params or {})
@@ -292,11 +299,8 @@ def cmd_pca_reduce(a):
     if solver not in ("krylov", "power"):
         raise ConfigError(f"subspace.solver must be krylov or power, got {solver!r}")
     stats = _load_stats(a.stats)
-    t0 = time.perf_counter()
     diag = reduce_pass(a.parts, a.out_basis, a.out_krylov, stats, a.krylov or [], a.gv,
                        window=1 if solver == "power" else None, scratch_dir=Path(a.out_basis).parent)
-    diag["seconds"] = time.perf_counter() - t0
-    diag["solver"] = solver
     if diag["max_residual"] is None:
         log.info("PCA pass %d: first block of images stored (Rayleigh–Ritz from pass 1 on)", diag["pass"])
     else:
@@ -304,13 +308,41 @@ def cmd_pca_reduce(a):
                  "subspace change %s", diag["pass"], diag["krylov_dim"], diag["k"],
                  diag["captured_variance_topk"] or float("nan"), diag["max_residual"],
                  "n/a" if diag["subspace_change_topk"] is None else f"{diag['subspace_change_topk']:.3g}")
-    write_json(a.diagnostics, diag)
+    if a.diagnostics:
+        write_json(a.diagnostics, diag)
+    release_consumed(a.release, "the basis the pass read")
+
+
+def cmd_pca_diagnostics(a):
+    """The diagnostics JSON of one pass, from its Krylov record (the checkpoint whose
+    output decides whether another pass is needed)."""
+    from .diagnostics import write_json
+    from .power import krylov_diagnostics
+
+    write_json(a.out, krylov_diagnostics(a.krylov))
+
+
+def cmd_pca_settings(a):
+    """The PCA's stopping settings as a file: pca_lift and pca_finalize read it, so a change
+    of subspace.tol / iterations reruns them (Snakemake does not check the params of jobs
+    whose inputs come from checkpoints), and their input functions then pick the pass
+    that meets the new setting — extending the run, or lifting an earlier pass."""
+    from .diagnostics import write_json
+
+    o = dict(a.params or {})
+    unknown = set(o) - {"tol", "iterations", "max_iterations", "solver"}
+    if unknown:
+        raise ConfigError(f"pca-settings --params: unknown key(s) {sorted(unknown)}")
+    write_json(a.out, o)
 
 
 def cmd_pca_lift(a):
     from ..runtime import Timer
     from .power import partial_products_from_gv, read_lift, write_lift
 
+    from .io import release_consumed
+
+    release_consumed(a.release, "parts of the final pass")
     o = _opts(a.params, {"method": "persample"}, "pca-lift")
     dev = _device(o)
     model, _ = _model(a.model, dev)
@@ -376,6 +408,9 @@ def cmd_project(a):
     from .power import load_basis_tensors, read_basis
     from .project import project_batches, write_reduced
 
+    from .io import release_consumed
+
+    release_consumed(a.release, "AG partials")
     o = _opts(a.params, {"method": "persample", "space": None}, "project")
     dev = _device(o)
     model, _ = _model(a.model, dev)
@@ -556,6 +591,8 @@ def register(subparsers) -> None:
     p.add_argument("--gv", nargs="+", default=None,
                    help="pca-gv parts of these shards (every block group): compute G_bᵀ(G·V) from "
                         "them instead of loading V")
+    p.add_argument("--release", nargs="*", default=[],
+                   help="temporary outputs whose consumers are done: deleted (see io.release_consumed)")
     p.add_argument("--out", required=True)
     compute(p, "; method (persample|jvp_vjp)")
 
@@ -566,6 +603,8 @@ def register(subparsers) -> None:
     shards(p)
     p.add_argument("--blocks", default=None, help="comma-separated parameter blocks (default all)")
     block_group(p)
+    p.add_argument("--release", nargs="*", default=[],
+                   help="temporary outputs whose consumers are done: deleted (see io.release_consumed)")
     p.add_argument("--out", required=True)
     compute(p, "; method (persample|jvp_vjp)")
 
@@ -578,7 +617,9 @@ def register(subparsers) -> None:
     p.add_argument("--params", type=json_arg, default={}, help='JSON {"solver": "krylov"|"power"}')
     p.add_argument("--out-basis", required=True, help="V_{t+1} store")
     p.add_argument("--out-krylov", required=True, help="Krylov record of pass t")
-    p.add_argument("--diagnostics", required=True, help="diagnostics JSON of pass t")
+    p.add_argument("--diagnostics", default=None, help="also write the diagnostics JSON of pass t")
+    p.add_argument("--release", nargs="*", default=[],
+                   help="temporary outputs whose consumers are done: deleted (see io.release_consumed)")
 
     p = add("pca-lift", cmd_pca_lift, "the final pass: PCA directions V = Gᵀ L of the Ritz pairs "
                                       "(some shards, optionally one block group)")
@@ -587,8 +628,18 @@ def register(subparsers) -> None:
     shards(p)
     p.add_argument("--blocks", default=None, help="comma-separated parameter blocks (default all)")
     block_group(p)
+    p.add_argument("--release", nargs="*", default=[],
+                   help="temporary outputs whose consumers are done: deleted (see io.release_consumed)")
     p.add_argument("--out", required=True)
     compute(p, "; method (persample|jvp_vjp)")
+
+    p = add("pca-diagnostics", cmd_pca_diagnostics, "diagnostics JSON of one pass from its Krylov record")
+    p.add_argument("--krylov", required=True)
+    p.add_argument("--out", required=True)
+
+    p = add("pca-settings", cmd_pca_settings, "record the PCA's stopping settings (tol, iterations)")
+    p.add_argument("--params", type=json_arg, default={})
+    p.add_argument("--out", required=True)
 
     p = add("pca-finalize", cmd_pca_finalize, "sum the lift parts -> PCA subspace store")
     p.add_argument("--parts", nargs="+", required=True, help="pca-lift outputs")
@@ -604,6 +655,8 @@ def register(subparsers) -> None:
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--blocks", default=None, help="comma-separated parameter blocks (default all)")
     block_group(p)
+    p.add_argument("--release", nargs="*", default=[],
+                   help="temporary outputs whose consumers are done: deleted (see io.release_consumed)")
     p.add_argument("--out", required=True)
     compute(p, "; method (persample|jvp_vjp), space")
 

@@ -110,8 +110,51 @@ def store_diagnostics(subspace_attrs: dict, reduced: dict[str, list], out_dir, s
     summary = {"space": space, "type": subspace_attrs.get("type"), "k": subspace_attrs.get("k"),
                "reconstruction": rows,
                "captured_variance": curve[-1]["cumulative"] if curve else None}
+    if subspace_attrs.get("type") == "pca" and subspace_attrs.get("residuals") is not None:
+        summary.update(convergence_report(subspace_attrs, out_dir))
     write_json(out_dir / "summary.json", summary)
     return summary
+
+
+def convergence_report(attrs: dict, out_dir) -> dict:
+    """The PCA's convergence, for the report: ``convergence.csv`` (per data pass: largest
+    top-k residual, captured variance, subspace change), ``convergence.png`` (the curve
+    against subspace.tol) and ``directions.csv`` (per direction: eigenvalue, residual and
+    whether it met the tolerance; unconverged directions are flagged)."""
+    out_dir = Path(out_dir)
+    tol = attrs.get("tol")
+    rows = [{"pass": c.get("pass"), "data_passes": int(c.get("pass", 0)) + 1,
+             "max_residual": c.get("max_residual"), "captured_variance_topk": c.get("captured_variance_topk"),
+             "subspace_change_topk": c.get("subspace_change_topk"), "krylov_dim": c.get("krylov_dim")}
+            for c in attrs.get("convergence") or []]
+    _write_csv(out_dir / "convergence.csv", rows)
+    res = np.asarray(attrs["residuals"], np.float64)
+    ev = np.asarray(attrs.get("eigenvalues") or [np.nan] * res.size, np.float64)
+    dirs = [{"direction": j + 1, "eigenvalue": float(ev[j]), "residual": float(res[j]),
+             "converged": "yes" if tol is None or res[j] <= float(tol) else "NO (above tol)"}
+            for j in range(res.size)]
+    _write_csv(out_dir / "directions.csv", dirs)
+    pts = [(r["data_passes"], r["max_residual"]) for r in rows if r["max_residual"] is not None]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    if pts:
+        ax.semilogy([p for p, _ in pts], [max(r, 1e-16) for _, r in pts], "o-",
+                    label="largest residual of the top-k Ritz pairs")
+    if tol is not None:
+        ax.axhline(float(tol), color="k", ls="--", lw=1, label=f"subspace.tol = {tol}")
+    ax.set(xlabel="data passes (before the lift pass)", ylabel="||C v - λ v|| / λ",
+           title=f"PCA convergence ({attrs.get('solver', 'krylov')})")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "convergence.png", dpi=110)
+    plt.close(fig)
+    return {"passes": attrs.get("passes"), "tol": tol, "max_residual": float(res.max()),
+            "converged": attrs.get("converged"), "unconverged_directions": [int(j) + 1 for j in
+                                                                          attrs.get("unconverged") or []]}
 
 
 def _plot_curve(path, ev, cum, space) -> None:

@@ -126,3 +126,35 @@ def read_block(group, prefix: str, block: str, path="") -> np.ndarray:
     if key not in group:
         raise StoreError(f"{path or 'store'} has no array '{key}'")
     return np.asarray(group[key][...])
+
+
+def release_consumed(paths, why: str = "") -> int:
+    """Delete temporary outputs whose every consumer has finished (and been recorded by
+    Snakemake before this job could start), returning the bytes freed.
+
+    Snakemake defers all temp() deletion while checkpoint jobs are pending, which in an
+    ``iterations: auto`` PCA is the whole iteration: without this, every pass's basis and
+    partials would stay on disk until the last pass. A job therefore releases what its
+    predecessors consumed: the reduce of pass t the basis V_t (read only by the pass-t
+    jobs), the first jobs of pass t+1 (and the lift) the parts of pass t (read only by
+    the reduce of pass t), the projection jobs the AG partials. The paths stay temp() in
+    the rules, so a missing one is never a reason to rerun. ``GRADSPACE_KEEP_CONSUMED=1``
+    keeps them (debugging; the storage test uses it with ``--notemp``)."""
+    import logging
+
+    if os.environ.get("GRADSPACE_KEEP_CONSUMED", "0") == "1":
+        return 0
+    freed = 0
+    for p in map(Path, paths or []):
+        if not p.exists():
+            continue
+        if p.is_dir():
+            freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            freed += p.stat().st_size
+            p.unlink(missing_ok=True)
+    if freed:
+        logging.getLogger(__name__).info("released %.1f MB of consumed temporary outputs%s", freed / 1e6,
+                                         f" ({why})" if why else "")
+    return freed

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -421,6 +422,7 @@ def reduce_pass(part_paths, out_basis, out_krylov, stats=None, krylov_paths=(), 
     """After data pass t: V_{t+1} = orth(Σ parts of C·V_t) (TSQR, W_t = V_{t+1} R_t); the
     Krylov record of pass t (Y_t = G·V_t, R_t, and after pass 1 the Rayleigh–Ritz over the
     whole Krylov space with its lift coefficients); returns the diagnostics of pass t."""
+    t_start = time.perf_counter()
     if not part_paths:
         raise StoreError("no pass parts given")
     _, attrs0, layout = open_blocks(part_paths[0], PARTIAL_KIND)
@@ -451,16 +453,26 @@ def reduce_pass(part_paths, out_basis, out_krylov, stats=None, krylov_paths=(), 
     total = stats.total_variance if stats is not None else None
     rz, diag = ritz_diagnostics(Ys, Rs, k, n, window, total)
     diag["total_variance"] = total
+    diag["seconds"] = time.perf_counter() - t_start
     with atomic_group(out_krylov, {"kind": KRYLOV_KIND, "pass": t, "n": n, "k": k, "columns": K,
                                    "window": window, "max_residual": diag["max_residual"],
                                    "eigenvalues": None if rz is None else (rz.eigenvalues[:k] / n).tolist(),
-                                   "residuals": diag["residuals"]}) as g:
+                                   "residuals": diag["residuals"], "diagnostics": diag}) as g:
         put_array(g, "Y", Y)
         put_array(g, "R", R)
         put_array(g, "index", rows)
         if rz is not None:
             put_array(g, "lift", rz.lift)
     return diag
+
+
+def krylov_diagnostics(krylov_path) -> dict:
+    """The diagnostics of the pass a Krylov record belongs to (stored with it)."""
+    g = open_store(krylov_path)
+    attrs = dict(g.attrs)
+    if attrs.get("kind") != KRYLOV_KIND or "diagnostics" not in attrs:
+        raise StoreError(f"{krylov_path}: not a Krylov record with diagnostics")
+    return dict(attrs["diagnostics"])
 
 
 def read_lift(krylov_path):
