@@ -23,7 +23,7 @@ STAGE_VERSIONS = {
     "extract": 1,
     "gradients": 3,  # 2: norms from per-tensor reductions; 3: deep BatchGrad oriented as −S
     "detectors": 2,  # 2: shallow BatchGrad oriented as −S (labels drawn from p, like ExGrad)
-    "subspace": 1,
+    "subspace": 2,
     "project": 1,
     "evaluate": 1,
     "report": 1,

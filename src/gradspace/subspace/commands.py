@@ -26,7 +26,7 @@ from ..errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 COMPUTE_DEFAULTS = {"device": "auto", "batch_size": 64, "num_workers": 0, "mean": None, "std": None,
-                    "chunk_size": 64, "strategy": "auto", "direction_chunk": 64, "precision": "fp32"}
+                    "chunk_size": 64, "strategy": "auto", "direction_chunk": 1, "precision": "fp32"}
 STATS_DEFAULTS = {"params": "all", "blocks": "stages", "temperature": 1.0}
 
 

@@ -83,7 +83,7 @@ class JvpVjpOperator(_Base):
 
     method = "jvp_vjp"
 
-    def __init__(self, model, layout, stats, temperature=1.0, device=None, direction_chunk: int = 64):
+    def __init__(self, model, layout, stats, temperature=1.0, device=None, direction_chunk: int = 1):
         super().__init__(model, layout, stats, temperature, device)
         self.direction_chunk = max(1, int(direction_chunk))
         self._params = {n: p.detach() for n, p in model.named_parameters()}
@@ -222,7 +222,7 @@ class PerSampleOperator(_Base):
 
 
 def make_operator(method: str, model, layout, stats, temperature=1.0, device=None, engine=None,
-                  params="all", chunk_size: int = 64, direction_chunk: int = 64, strategy: str = "auto",
+                  params="all", chunk_size: int = 64, direction_chunk: int = 1, strategy: str = "auto",
                   precision: str = "fp32", blocks=None):
     """``blocks``: the only blocks the caller multiplies with (``persample`` then computes
     just their gradients; ``jvp_vjp`` differentiates only the blocks of each product anyway)."""
