@@ -117,7 +117,7 @@ def test_slurm_profile_plans_the_real_workflow(tmp_path):
     proc = run_snakemake(tmp_path, "--configfile", "config.yaml", "-n", "--profile",
                          str(REPO / "profiles" / "slurm"), env={"GRADSPACE_SLURM_PARTITION": "gpu"})
     out = proc.stdout
-    assert "Job stats" in out and "pca_partial" in out and "project" in out
+    assert "Job stats" in out and "pca_pass" in out and "project" in out
     blocks = out.split("\n\n")
     extract = next(b for b in blocks if "rule extract:" in b)
     evaluate = next(b for b in blocks if "rule evaluate:" in b)

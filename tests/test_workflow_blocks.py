@@ -16,7 +16,7 @@ from conftest import REPO, TINY, planned_jobs, run_snakemake
 
 SPACES = ("pca", "ag")
 SHARDS = {"id_train": 2, "id_test": 2, "textures": 1, "digits8x8": 1}
-BLOCK_RULES = {"pca_gv_block", "pca_partial_block", "project_block", "project_merge"}
+BLOCK_RULES = {"pca_gv", "pca_pass_block", "project_block", "project_merge"}
 
 
 def write_config(path, **subspace):
@@ -44,7 +44,8 @@ def test_default_dag_has_no_block_jobs(tmp_path):
     shutil.copy(TINY, tmp_path / "config.yaml")
     rules = Counter(r for r, _ in planned_jobs(tmp_path))
     assert not BLOCK_RULES & set(rules)
-    assert rules["pca_partial"] == 3 * 2 and rules["project"] == 2 * sum(SHARDS.values())
+    # one pass job per pass (data_parts = 1) whatever the ID-train shard count: passes 0..2
+    assert rules["pca_pass"] == 3 and rules["project"] == 2 * sum(SHARDS.values())
 
 
 def test_named_block_groups_plan_one_job_per_group(tmp_path):
@@ -76,16 +77,17 @@ def test_block_groups_give_the_same_subspace_and_reduced_gradients(tiny_workdir,
 
     jobs = planned_jobs(work)
     rules = Counter(r for r, _ in jobs)
-    assert "pca_partial" not in rules and "project" not in rules
+    assert "pca_pass" not in rules and "project" not in rules
     its, groups = {"000", "001", "002"}, {"0", "1"}
-    for rule in ("pca_gv_block", "pca_partial_block"):
-        seen = {(wc["it"], wc["shard"], wc["group"]) for r, wc in jobs if r == rule}
-        assert seen == {(t, str(s), g) for t in its for s in range(2) for g in groups}, rule
+    for rule in ("pca_gv", "pca_pass_block"):
+        seen = {(wc["it"], wc["part"], wc["group"]) for r, wc in jobs if r == rule}
+        assert seen == {(t, "0", g) for t in its for g in groups}, rule
+    assert {wc["group"] for r, wc in jobs if r == "pca_lift"} == groups
     seen = {(wc["space"], wc["dataset"], wc["shard"], wc["group"]) for r, wc in jobs if r == "project_block"}
     assert seen == {(sp, ds, str(k), g) for sp in SPACES for ds, n in SHARDS.items() for k in range(n)
                     for g in groups}
     assert rules["project_merge"] == 2 * sum(SHARDS.values())
-    assert rules["pca_reduce"] == 2 and rules["pca_finalize"] == 1
+    assert rules["pca_reduce"] == 3 and rules["pca_finalize"] == 1
     # the grouping does not touch the upstream stages
     assert not {"train", "prepare", "gradstats_partial", "gradstats_reduce", "ag_reduce"} & set(rules)
 

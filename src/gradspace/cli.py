@@ -47,7 +47,8 @@ COMMANDS = {
     "verify-stores": "gradspace.verify",
     **{name: "gradspace.subspace.commands" for name in (
         "gradstats-partial", "gradstats-reduce", "ag-partial", "ag-reduce", "pca-init",
-        "pca-partial", "pca-gv", "pca-reduce", "pca-finalize", "project", "project-merge",
+        "pca-pass", "pca-gv", "pca-reduce", "pca-diagnostics", "pca-settings", "pca-lift", "pca-finalize",
+        "project", "project-merge",
         "subspace-diagnostics", "gradient-diagnostics", "ensemble-scores")},
 }
 

@@ -203,7 +203,7 @@ def pca_init_params():
 
 # Parameter-block groups (subspace.block_jobs): one group (the default) runs every block
 # in one job; with more, the PCA products and the projections run one job per block group
-# (rules pca_gv_block, pca_partial_block, project_block, project_merge).
+# (rules pca_gv, pca_pass_block, pca_lift per group, project_block, project_merge).
 BLOCK_JOBS = SUB["block_jobs"]
 BLOCK_GROUPS = [str(g) for g in (range(BLOCK_JOBS) if isinstance(BLOCK_JOBS, int) else BLOCK_JOBS)]
 SPLIT_BLOCKS = len(BLOCK_GROUPS) > 1

@@ -424,7 +424,10 @@ def cmd_project(a):
     n = num_samples(a.data_dir, a.shard)
     timer = Timer()
     t0 = time.perf_counter()
-    batches = paused_iter("project", _batches(a.data_dir, a.shard, o, dev)())
+    from ..runtime import progress
+
+    batches = paused_iter("project", progress(f"project {a.data_dir} shard {a.shard}",
+                                                _batches(a.data_dir, a.shard, o, dev)(), n))
     write_reduced(a.out, n, K, project_batches(op, batches, V, timer, dev),
                   {"space": o["space"] or sattrs.get("type"), "subspace_type": sattrs.get("type"), "k": K,
                    "blocks": blocks, "shard": a.shard, "method": o["method"],
