@@ -96,7 +96,9 @@ def write_ag_partial(path, layout: ParamLayout, sums: dict, counts: np.ndarray, 
         for b, arr in sums.items():
             if not np.isfinite(arr).all():
                 raise StoreError(f"{path}: non-finite class sums in block '{b}'")
-            put_array(g, f"S.{b}", arr)
+            # accumulated in float64, stored in float32 (the size of the AG basis): its
+            # 6e-8 rounding is far below the rank cut's float32 noise floor
+            put_array(g, f"S.{b}", np.asarray(arr, np.float32))
 
 
 EPS32 = float(np.finfo(np.float32).eps)
