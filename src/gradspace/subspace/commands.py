@@ -241,9 +241,8 @@ def _part_label(shards) -> str:
 
 def cmd_pca_pass(a):
     from ..runtime import Timer
-    from .power import load_basis_tensors, load_gv, partial_products, partial_products_from_gv, write_partial
-
     from .io import release_consumed
+    from .power import load_basis_tensors, load_gv, partial_products, partial_products_from_gv, write_partial
 
     release_consumed(a.release, "parts of the previous pass")
     o, dev, model, stats, group, battrs, layout, it, blocks = _iteration_job(a, "pca-pass")
@@ -270,9 +269,8 @@ def cmd_pca_pass(a):
 
 def cmd_pca_gv(a):
     from ..runtime import Timer
-    from .power import gv_products, load_basis_tensors, write_gv
-
     from .io import release_consumed
+    from .power import gv_products, load_basis_tensors, write_gv
 
     release_consumed(a.release, "parts of the previous pass")
     o, dev, model, stats, group, battrs, layout, it, blocks = _iteration_job(a, "pca-gv")
@@ -338,9 +336,8 @@ def cmd_pca_settings(a):
 
 def cmd_pca_lift(a):
     from ..runtime import Timer
-    from .power import partial_products_from_gv, read_lift, write_lift
-
     from .io import release_consumed
+    from .power import partial_products_from_gv, read_lift, write_lift
 
     release_consumed(a.release, "parts of the final pass")
     o = _opts(a.params, {"method": "persample"}, "pca-lift")
@@ -405,10 +402,9 @@ def cmd_project(a):
     from ..data.loader import num_samples
     from ..data.manifest import shard_layout
     from ..runtime import Timer, hardware_description, paused_iter
+    from .io import release_consumed
     from .power import load_basis_tensors, read_basis
     from .project import project_batches, write_reduced
-
-    from .io import release_consumed
 
     release_consumed(a.release, "AG partials")
     o = _opts(a.params, {"method": "persample", "space": None}, "project")

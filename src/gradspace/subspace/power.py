@@ -538,14 +538,13 @@ def fit_pca_in_memory(op, batches_fn, layout: ParamLayout, k: int, oversample: i
     last = int(max_iterations) if iterations == "auto" else int(iterations)
     get, _ = tsqr(layout.block_names, lambda b: random_blocks(layout, K, seed, b))
     V = {b: torch.as_tensor(get(b), dtype=torch.float32, device=op.device) for b in layout.block_names}
-    Ys, Rs, diags, rz, rows = [], [], [], None, None
+    Ys, Rs, diags, rz = [], [], [], None
     total = stats.total_variance if stats is not None else None
     for t in range(last + 1):
         W, n, U, r = partial_products(op, batches_fn(), V, keep_images=True)
         order = np.argsort(r, kind="stable")
         Ys.append(U[order])
-        rows = r[order]
-        get, R = tsqr(layout.block_names, lambda b: W[b])
+        get, R = tsqr(layout.block_names, W.__getitem__)
         Rs.append(R)
         rz, d = ritz_diagnostics(Ys, Rs, k, n, window, total)
         diags.append(d)
