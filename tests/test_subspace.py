@@ -354,7 +354,8 @@ def test_operators_give_the_same_subspace():
     layout = layout_of(model)
     st, _ = stats_of(model, x, layout)
     out = []
-    ops = [JvpVjpOperator(model, layout, st), PerSampleOperator(model, layout, st, engine=GradientEngine(model))]
+    ops = [JvpVjpOperator(model, layout, st),
+           PerSampleOperator(model, layout, st, engine=GradientEngine(model))]
     for op in ops:
         Vb, _ = power.fit_pca_in_memory(op, lambda: batches(x, y), layout, 2, 8, 0, tol=1e-6, stats=st)
         out.append(np.concatenate([Vb[b] for b in layout.block_names]))
