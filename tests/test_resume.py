@@ -26,6 +26,13 @@ def snapshot(results: Path) -> dict:
     return out
 
 
+def released(path: str) -> bool:
+    """Outputs the workflow deletes once consumed (io.release_consumed): PCA bases, pass
+    and lift parts, AG partials."""
+    return path.startswith(("subspace/pca/V-init.zarr", "subspace/pca/pass-", "subspace/pca/lift/",
+                            "subspace/ag/partial/"))
+
+
 def run_until_paused(workdir: Path, point: str, timeout=600):
     """Start the workflow with a pause injected at ``point``; return once a job sits there."""
     marker = workdir / f"paused-{point}"
@@ -87,14 +94,17 @@ def test_kill_and_resume_matches_uninterrupted(tmp_path, tiny_workdir):
         # outputs that were finished before the kill are untouched by it
         assert {k: v for k, v in snapshot(results).items() if k in finished} == finished
         run_snakemake(work, "--configfile", "config.yaml", "--unlock")
-        # what finished in earlier rounds was not redone by the later rounds
+        # what finished in earlier rounds was not redone by the later rounds (consumed PCA
+        # bases and pass parts are released by design once the next pass has read them)
         after_round = snapshot(results)
-        assert {k: after_round[k] for k in before} == before
+        assert {k: after_round[k] for k in before if not released(k)} == \
+            {k: v for k, v in before.items() if not released(k)}
 
     done_before = settled(snapshot(results))
     run_snakemake(work, "--configfile", "config.yaml", "--cores", "2")
     final = snapshot(results)
-    assert {k: final[k] for k in done_before} == done_before  # finished work not redone
+    kept = {k: v for k, v in done_before.items() if not released(k)}
+    assert {k: final[k] for k in kept} == kept  # finished work not redone
 
     # the PCA subspace of the resumed run equals the uninterrupted run's
     import numpy as np

@@ -142,7 +142,7 @@ def _workflow_rules() -> dict[str, str]:
     rules = {}
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
         text = smk.read_text()
-        starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\s*rule (\w+):", text, re.M)]
+        starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\s*(?:rule|checkpoint) (\w+):", text, re.M)]
         for (start, name), (end, _) in zip(starts, starts[1:] + [(len(text), None)], strict=False):
             rules[name] = text[start:end]
     return rules
