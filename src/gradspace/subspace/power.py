@@ -1,23 +1,20 @@
-"""PCA subspace of the normalized gradients by block power iteration (low-dimensional
-gradient paper, eq. 3 and Appendix A, Alg. 2–4).
+"""PCA subspace of the normalized gradients, unrolled into data passes (low-dimensional
+gradient paper, eq. 3 and Appendix A, Alg. 2–4), with block Krylov Rayleigh–Ritz.
 
 C = Σ_i G(x_i)ᵀ G(x_i) over ID train (P×P, never formed). With K' = k + oversample columns:
 
     V_0      = orth(Ω),  Ω ~ N(0, 1) seeded per parameter               (Alg. 2, lines 1–2)
-    W_t      = C V_t = Σ_shards Σ_{i∈shard} G_iᵀ (G_i V_t)               (lines 4–5, Alg. 3–4)
-    V_{t+1}  = orth(W_t)                                                  (line 6)
-    final    : H = V_Tᵀ C V_T = S Λ Sᵀ (Rayleigh–Ritz), V = V_T S[:, :k], eigenvalues Λ/N.
+    pass t   : Y_t = G V_t (N×K', kept),  W_t = C V_t = Σ_i G_iᵀ (G_i V_t)  (Alg. 3–4)
+    reduce t : W_t = V_{t+1} R_t (TSQR), Krylov record (Y_t, R_t), Rayleigh–Ritz over
+               span[Y_0..Y_{t−1}] (``krylov.best_ritz``) with residuals and lift L
+    lift     : V = Gᵀ L (the Ritz vectors, orthonormal), eigenvalues Λ/N.
 
-Each iteration is one job per ID-train shard (partial W_t over the shard, per parameter
-block) and one reduce job, so an interrupted workflow resumes at the last finished
-iteration. orth() is a blockwise TSQR (Householder QR of every block's rows, QR of the
-stacked R factors, signs fixed so that diag(R) ≥ 0): it yields exactly orthonormal columns
-even when W_t is rank deficient (K' larger than the rank of C), where Cholesky-QR fails.
-
-Per-iteration diagnostics: Ritz values eig(V_tᵀ C V_t)/N, the change of subspace
-sin∠max(V_t, V_{t+1}) = (1 − σ_min(V_tᵀ V_{t+1})²)^½ (all K' columns, and for the top-k
-Ritz vectors of V_t against V_{t+1}), and the captured variance tr(V_tᵀ C V_t)/tr(C), with
-tr(C) = N·E‖G‖² from the statistics.
+A pass is one job per data part (a set of ID-train shards), so an interrupted workflow
+resumes at the last finished pass and the disk per pass does not depend on the shard
+count. orth() is a blockwise TSQR (Householder QR of every block's rows, QR of the stacked
+R factors, signs fixed so that diag(R) ≥ 0): exactly orthonormal columns even when W_t is
+rank deficient, where Cholesky-QR fails. ``fit_pca_in_memory`` runs the same passes in one
+process without files.
 """
 
 from __future__ import annotations
@@ -93,14 +90,6 @@ def random_blocks(layout: ParamLayout, K: int, seed: int, block: str) -> np.ndar
     rows = [np.random.default_rng([int(seed), i]).standard_normal((layout.sizes[i], K))
             for i in layout.block_params(block)]
     return np.concatenate(rows, 0)
-
-
-def _sine(M: np.ndarray) -> float:
-    """sin of the largest principal angle from the cosines σ(M), M = AᵀB (A ⊂ span B dims)."""
-    if M.size == 0:
-        return 0.0
-    smin = np.linalg.svd(M, compute_uv=False).min()
-    return float(np.sqrt(max(0.0, 1.0 - min(1.0, smin) ** 2)))
 
 
 # -- basis stores -------------------------------------------------------------------------
