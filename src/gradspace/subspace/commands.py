@@ -579,31 +579,33 @@ def register(subparsers) -> None:
         p.add_argument("--shards", type=int, nargs="+", required=True,
                        help="ID-train shards of this data part (one job passes over all of them)")
 
+    def release(p):
+        p.add_argument("--release", nargs="*", default=[],
+                       help="temporary outputs whose consumers are done: deleted (see io.release_consumed)")
+
+    def data_part_job(p, inputs, blocks_help="comma-separated parameter blocks (default all)"):
+        """Required inputs, the data part's shards, the job's parameter blocks (or block
+        group) and the consumed outputs it releases: what every pass-like job takes."""
+        for opt in inputs:
+            p.add_argument(opt, required=True)
+        shards(p)
+        p.add_argument("--blocks", default=None, help=blocks_help)
+        block_group(p)
+        release(p)
+
     p = add("pca-pass", cmd_pca_pass, "one data pass over some shards: C·V_t = Gᵀ(G V_t) and the "
                                       "sample-space images G·V_t")
-    for opt in ("--model", "--data-dir", "--stats", "--basis"):
-        p.add_argument(opt, required=True)
-    shards(p)
-    p.add_argument("--blocks", default=None,
-                   help="comma-separated parameter blocks of the output (default all)")
-    block_group(p)
+    data_part_job(p, ("--model", "--data-dir", "--stats", "--basis"),
+                  "comma-separated parameter blocks of the output (default all)")
     p.add_argument("--gv", nargs="+", default=None,
                    help="pca-gv parts of these shards (every block group): compute G_bᵀ(G·V) from "
                         "them instead of loading V")
-    p.add_argument("--release", nargs="*", default=[],
-                   help="temporary outputs whose consumers are done: deleted (see io.release_consumed)")
     p.add_argument("--out", required=True)
     compute(p, "; method (persample|jvp_vjp)")
 
     p = add("pca-gv", cmd_pca_gv, "G_g·V_g over the parameter blocks of one group for some shards "
                                   "(phase 1 of a block-group pca-pass)")
-    for opt in ("--model", "--data-dir", "--stats", "--basis"):
-        p.add_argument(opt, required=True)
-    shards(p)
-    p.add_argument("--blocks", default=None, help="comma-separated parameter blocks (default all)")
-    block_group(p)
-    p.add_argument("--release", nargs="*", default=[],
-                   help="temporary outputs whose consumers are done: deleted (see io.release_consumed)")
+    data_part_job(p, ("--model", "--data-dir", "--stats", "--basis"))
     p.add_argument("--out", required=True)
     compute(p, "; method (persample|jvp_vjp)")
 
@@ -617,18 +619,11 @@ def register(subparsers) -> None:
     p.add_argument("--out-basis", required=True, help="V_{t+1} store")
     p.add_argument("--out-krylov", required=True, help="Krylov record of pass t")
     p.add_argument("--diagnostics", default=None, help="also write the diagnostics JSON of pass t")
-    p.add_argument("--release", nargs="*", default=[],
-                   help="temporary outputs whose consumers are done: deleted (see io.release_consumed)")
+    release(p)
 
     p = add("pca-lift", cmd_pca_lift, "the final pass: PCA directions V = Gᵀ L of the Ritz pairs "
                                       "(some shards, optionally one block group)")
-    for opt in ("--model", "--data-dir", "--stats", "--krylov"):
-        p.add_argument(opt, required=True)
-    shards(p)
-    p.add_argument("--blocks", default=None, help="comma-separated parameter blocks (default all)")
-    block_group(p)
-    p.add_argument("--release", nargs="*", default=[],
-                   help="temporary outputs whose consumers are done: deleted (see io.release_consumed)")
+    data_part_job(p, ("--model", "--data-dir", "--stats", "--krylov"))
     p.add_argument("--out", required=True)
     compute(p, "; method (persample|jvp_vjp)")
 
@@ -654,8 +649,7 @@ def register(subparsers) -> None:
     p.add_argument("--shard", type=int, required=True)
     p.add_argument("--blocks", default=None, help="comma-separated parameter blocks (default all)")
     block_group(p)
-    p.add_argument("--release", nargs="*", default=[],
-                   help="temporary outputs whose consumers are done: deleted (see io.release_consumed)")
+    release(p)
     p.add_argument("--out", required=True)
     compute(p, "; method (persample|jvp_vjp), space")
 
