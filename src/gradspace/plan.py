@@ -1,0 +1,850 @@
+"""``gradspace plan``: what a config will cost before anything runs.
+
+For a config (the demo, a preset, a user's file; merged and filled with the schema's
+defaults exactly as Snakemake does) the plan lists, per stage (= Snakemake rule): the
+number of jobs, per-job peak GPU and host memory, bytes written, FLOPs and the estimated
+run time on a named device, and over the whole run the peak disk in use and the GPU-hours.
+
+How each figure is formed
+-------------------------
+- **Sizes.** Samples per dataset come, in this order, from the prepared manifests of an
+  earlier run (exact), ``--sizes`` (``id_train=50000,...``), ``n`` / ``train_subsample`` in
+  the config, an ImageFolder tree on disk (files counted) or the table of known datasets
+  below. Parameters per block and block group come from the model the config names, built
+  with random weights (nothing is downloaded) and split by the same layout code the jobs
+  use; FLOPs and activation bytes per sample from one traced forward pass
+  (``torch.utils.flop_counter``, ``saved_tensors_hooks``).
+- **Bytes written** follow the stores' formats (``gradspace.store`` layouts: features and
+  logits float32, PCA partials and bases float32, Krylov records float64, ...), uncompressed:
+  Zarr's zstd saves a few per cent on float data, more on post-ReLU features.
+- **Memory** = the interpreter with torch loaded (``CALIBRATION``, measured) + the model +
+  the job's working set: the loader batch, the per-sample gradient chunk (at most the
+  engine's 1 GiB workspace, ``gradspace.grads.engine.MAX_CHUNK_BYTES``) with its
+  activations, and the job's own arrays (V of its block group, the float64 accumulator of
+  G^T U, the statistics). On a GPU the working set is on the device; on the CPU it is all
+  host memory.
+- **Time** = FLOPs / (device peak × efficiency). The efficiency of each kind of work
+  (forward, per-sample gradient) is measured by this project's benchmarks
+  (``benchmarks/rehearsal.py`` on the CPU, ``benchmarks/gpu_check.sh`` on a GPU, whose JSON
+  ``--calibration`` reads); a device without a measurement uses the CPU-measured fraction
+  of peak, and the plan says so.
+- **Passes.** ``subspace.iterations: N`` gives N + 1 data passes and one lift pass; with
+  ``auto`` the plan assumes the worst case, ``max_iterations`` + 1 passes.
+- **Peak disk** = every kept output + the largest transient set: one PCA iteration's
+  partials and two bases ((data_parts + 2) x |V|) and the AG partials (data_parts x |P x C|),
+  which the design releases as soon as they are consumed (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError
+
+GiB = 1 << 30
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+# Peak throughput (FLOP/s) of the named devices, from the vendors' data sheets (dense,
+# no sparsity; H100/H200 SXM). "cpu" is this project's CI/dev machine: its peak is the
+# fp32 GEMM throughput measured by torch.mm (benchmarks/rehearsal.py prints it).
+DEVICES = {
+    "cpu": {"label": "CPU, 2 cores (dev/CI machine)", "memory": 24e9,
+            "peak": {"fp32": 9.0e10, "tf32": 9.0e10, "bf16": 9.0e10}, "gpu": False},
+    "a100": {"label": "NVIDIA A100 80GB SXM", "memory": 80e9,
+             "peak": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12}, "gpu": True},
+    "h100": {"label": "NVIDIA H100 SXM", "memory": 80e9,
+             "peak": {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12}, "gpu": True},
+    "h200": {"label": "NVIDIA H200 SXM", "memory": 141e9,
+             "peak": {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12}, "gpu": True},
+}
+
+# Measured constants (see benchmarks/README.md, "ResNet-50 rehearsal"):
+# - host bytes of a job process before its work: the interpreter with torch (+torchvision,
+#   zarr) imported, and one with numpy/zarr only (array jobs that never import torch);
+# - efficiency = achieved FLOP/s / peak of each kind of work on this CPU;
+# - workspace: bytes per per-sample-gradient element held at the peak of a chunk step
+#   (gradient buffer + normalized copy).
+CALIBRATION = {
+    "host_base_torch": 0.75e9,
+    "host_base_numpy": 0.07e9,
+    "efficiency": {"forward": 0.45, "persample": 0.25, "matmul": 0.6},
+    "workspace_factor": 2.0,
+    # seconds from job start to work: interpreter, imports, model load (demo benchmarks)
+    "job_start_seconds": {"torch": 4.0, "numpy": 1.0},
+}
+
+# Sizes of public datasets the presets name, for plans made before the data is on disk.
+KNOWN_SIZES = {
+    ("imagefolder", "imagenet1k", "train"): 1_281_167,
+    ("imagefolder", "imagenet1k", "val"): 50_000,
+    ("imagefolder", "inaturalist", None): 10_000,
+    ("imagefolder", "sun", None): 10_000,
+    ("imagefolder", "places", None): 10_000,
+    ("imagefolder", "textures", None): 5_640,
+    ("cifar10", None, "train"): 50_000, ("cifar10", None, "test"): 10_000,
+    ("cifar100", None, "train"): 50_000, ("cifar100", None, "test"): 10_000,
+    ("svhn", None, "train"): 73_257, ("svhn", None, "test"): 26_032, ("svhn", None, "extra"): 531_131,
+    ("fashion_mnist", None, "train"): 60_000, ("fashion_mnist", None, "test"): 10_000,
+    ("sklearn_digits", None, None): 1_797,
+    ("opencv_digits", None, None): 5_000,
+    ("mnist_demo", None, None): 5_000,
+}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
+
+# Stages whose jobs never import torch (they start faster and smaller).
+NUMPY_STAGES = {"score_detector", "evaluate", "timing_tables", "report", "gradstats_reduce",
+                "ag_reduce", "pca_init", "pca_reduce", "pca_diagnostics", "pca_settings", "pca_finalize",
+                "project_merge", "score_grad_detector", "ensemble", "subspace_diagnostics"}
+
+# Which key to change when a stage is over a budget.
+DISK_KEYS = {
+    "pca": "subspace.data_parts (fewer partials at once), subspace.oversample or subspace.k",
+    "ag": "subspace.data_parts (fewer P x C partials)",
+    "extract": "data.shards or the datasets' n",
+}
+GPU_KEYS = {
+    "persample": "subspace.chunk_size / gradients.chunk_size (smaller gradient chunks) or "
+                 "subspace.block_jobs (a smaller block group per job)",
+    "forward": "compute.batch_size",
+}
+
+
+@dataclass
+class Stage:
+    name: str
+    torch: bool = True
+    jobs: int = 0
+    bytes_written: float = 0.0
+    kept_bytes: float = 0.0
+    peak_job_gpu_bytes: float = 0.0
+    peak_job_host_bytes: float = 0.0
+    flops: float = 0.0
+    seconds: float = 0.0
+    kept: bool = True
+    gpu: bool = False
+    key: str = ""
+    note: str = ""
+
+    def add_job(self, written: float, host: float, gpu: float = 0.0, flops: float = 0.0,
+                kept: float | None = None) -> None:
+        """One job: bytes it writes (``kept`` of them stay after the run; default all of
+        them for a kept stage, none for a temporary one), its peak memory and FLOPs."""
+        self.jobs += 1
+        self.bytes_written += written
+        self.kept_bytes += (written if self.kept else 0.0) if kept is None else kept
+        self.peak_job_host_bytes = max(self.peak_job_host_bytes, host)
+        self.peak_job_gpu_bytes = max(self.peak_job_gpu_bytes, gpu)
+        self.flops += flops
+
+
+@dataclass
+class ModelFacts:
+    num_params: int
+    feature_dim: int
+    num_classes: int
+    forward_flops: float  # per sample
+    saved_bytes: float  # autograd-saved activation bytes per sample
+    peak_activation_bytes: float  # largest module output per sample (no-grad forward)
+    input_bytes: float  # one input sample, float32
+    block_sizes: dict[str, int] = field(default_factory=dict)  # subspace blocks
+    group_sizes: dict[str, int] = field(default_factory=dict)  # subspace block groups
+    grad_params: int = 0  # gradients.params selection
+
+
+# ---------------------------------------------------------------------------------------
+# config
+
+
+def load_config(files, overrides: Mapping | None = None) -> dict:
+    """Merge YAML config files in order (later keys win, mappings merged deeply, like
+    Snakemake's --configfile), then fill and check them with the workflow's schema."""
+    import yaml
+    from snakemake.utils import validate
+
+    cfg: dict = {}
+    for f in files or [REPO / "config" / "config.yaml"]:
+        path = Path(f)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found")
+        with open(path) as fh:
+            _merge(cfg, yaml.safe_load(fh) or {})
+    if overrides:
+        _merge(cfg, dict(overrides))
+    try:
+        validate(cfg, str(SCHEMA), set_default=True)
+    except Exception as exc:  # snakemake.exceptions.WorkflowError
+        raise ConfigError(f"config does not match {SCHEMA.name}: {str(exc).splitlines()[0]}") from exc
+    return cfg
+
+
+def _merge(base: dict, new: Mapping) -> None:
+    for k, v in new.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def _set_path(cfg: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    d = cfg
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def parse_overrides(items) -> dict:
+    """``key.sub=value`` pairs (values parsed as YAML) into a nested mapping."""
+    import yaml
+
+    out: dict = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        _set_path(out, k.strip(), yaml.safe_load(v))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# sizes
+
+
+def n_shards(cfg: dict, dataset: str) -> int:
+    data = cfg["data"]
+    if dataset in ("id_train", "id_test"):
+        idc = data["id"]
+        own = idc.get("train" if dataset == "id_train" else "test") or {}
+        return int(own.get("shards", idc.get("shards", data["shards"])))
+    return int(data["ood"][dataset].get("shards", data["shards"]))
+
+
+def _count_images(root: Path) -> int:
+    n = 0
+    for _dir, _subdirs, files in os.walk(root):
+        n += sum(1 for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES)
+    return n
+
+
+def _source_size(src: Mapping, name: str, split) -> int | None:
+    kind = src["kind"]
+    if kind in ("skimage_textures", "skimage_photos") and src.get("n"):
+        return int(src["n"])
+    if kind == "imagefolder" and src.get("path"):
+        root = Path(src["path"]) / split if isinstance(split, str) and split else Path(src["path"])
+        if root.is_dir():
+            return _count_images(root)
+    for key in ((kind, name, split), (kind, None, split), (kind, name, None), (kind, None, None)):
+        if key in KNOWN_SIZES:
+            return KNOWN_SIZES[key]
+    return None
+
+
+def dataset_sizes(cfg: dict, results: Path | None = None, given: Mapping | None = None) -> dict[str, int]:
+    """Samples per dataset (see the module docstring for the order of the sources)."""
+    given = dict(given or {})
+    idc = cfg["data"]["id"]
+    out: dict[str, int] = {}
+    datasets = ["id_train", "id_test", *cfg["data"]["ood"]]
+    for ds in datasets:
+        manifest = results / "data" / ds / "manifest.csv" if results else None
+        if manifest is not None and manifest.is_file():
+            with open(manifest) as fh:
+                out[ds] = max(0, sum(1 for _ in fh) - 1)
+            continue
+        if ds in given:
+            out[ds] = int(given[ds])
+            continue
+        if ds in ("id_train", "id_test"):
+            part = "train" if ds == "id_train" else "test"
+            if idc.get(part):
+                src = idc[part]
+                split = src.get("split")
+                if isinstance(split, Mapping):
+                    split = split.get(ds)
+                n = _source_size(src, idc["name"], split)
+                if n is not None and src.get("n"):
+                    n = min(n, int(src["n"]))
+            else:
+                src = idc["source"]
+                total = _source_size(src, idc["name"], None)
+                if src.get("n") and total is not None:
+                    total = min(total, int(src["n"]))
+                tf = float(idc["test_fraction"])
+                n = None if total is None else (total - round(total * tf) if ds == "id_train"
+                                                 else round(total * tf))
+            if ds == "id_train" and n is not None and idc.get("train_subsample"):
+                n = min(n, int(idc["train_subsample"]))
+        else:
+            src = cfg["data"]["ood"][ds]
+            n = _source_size(src, ds, src.get("split"))
+            if n is not None and src.get("n"):
+                n = min(n, int(src["n"]))
+        if n is None:
+            raise ConfigError(f"cannot tell how many samples dataset '{ds}' has before it is prepared "
+                              f"(source kind {cfg['data']['ood'][ds]['kind'] if ds in cfg['data']['ood'] else ''}"
+                              f"); give it with --sizes {ds}=N")
+        out[ds] = int(n)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# model facts
+
+
+def model_facts(cfg: dict) -> ModelFacts:
+    """Parameter counts, FLOPs and activation bytes of the config's model (random weights)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models.architectures import build_model
+    from .subspace.layout import build_layout, resolve_params
+
+    m = cfg["model"]
+    d = cfg["data"]
+    src = m["source"]
+    arch = src if src.startswith("torchvision:") else m["arch"]
+    model = build_model(arch, int(d["id"]["num_classes"]), int(d["channels"])).eval()
+    x = torch.zeros(1, int(d["channels"]), int(d["image_size"]), int(d["image_size"]))
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model(x)
+    peak = [0]
+
+    def _hook(_mod, _inp, out):
+        if torch.is_tensor(out):
+            peak[0] = max(peak[0], out.numel() * out.element_size())
+
+    handles = [mod.register_forward_hook(_hook) for mod in model.modules() if not list(mod.children())]
+    saved = [0]
+
+    def _pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(_pack, lambda t: t):
+        model(x).sum()
+    for h in handles:
+        h.remove()
+    sub = cfg["subspace"]
+    layout = build_layout(model, sub["params"], sub["blocks"])
+    blocks = {b: layout.block_size(b) for b in layout.block_names}
+    groups = layout.block_groups(sub["block_jobs"])
+    grad_sel = resolve_params(model, cfg["gradients"]["params"])
+    return ModelFacts(
+        num_params=sum(p.numel() for p in model.parameters()),
+        feature_dim=int(model.feature_dim), num_classes=int(model.num_classes),
+        forward_flops=float(fc.get_total_flops()), saved_bytes=float(saved[0]),
+        peak_activation_bytes=float(peak[0]), input_bytes=float(x.numel() * 4),
+        block_sizes=blocks, group_sizes={g: sum(blocks[b] for b in bs) for g, bs in groups.items()},
+        grad_params=int(sum(p.numel() for p in grad_sel.values())))
+
+
+# ---------------------------------------------------------------------------------------
+# the plan
+
+
+def _pca_passes(sub: Mapping) -> int:
+    its = sub["iterations"]
+    return (int(sub["max_iterations"]) if its == "auto" else int(its)) + 1
+
+
+def _data_parts(cfg: dict) -> list[list[int]]:
+    S = n_shards(cfg, "id_train")
+    n = min(int(cfg["subspace"]["data_parts"]), S)
+    return [list(range(i * S // n, (i + 1) * S // n)) for i in range(n)]
+
+
+def _shard_rows(n: int, shards: int) -> list[int]:
+    return [(i + 1) * n // shards - i * n // shards for i in range(shards)]
+
+
+class Planner:
+    """Builds the per-stage table for one config on one device."""
+
+    def __init__(self, cfg: dict, sizes: Mapping[str, int], facts: ModelFacts, device: str = "cpu",
+                 gpus: int = 1, calibration: Mapping | None = None):
+        if device not in DEVICES:
+            raise ConfigError(f"unknown device {device!r}; known: {', '.join(DEVICES)}")
+        self.cfg, self.sizes, self.f = cfg, dict(sizes), facts
+        self.device, self.dev, self.gpus = device, DEVICES[device], max(1, int(gpus))
+        self.cal = json.loads(json.dumps(CALIBRATION))
+        self.calibrated = device == "cpu"
+        if calibration:
+            eff = calibration.get("efficiency", {}).get(device)
+            if eff:
+                self.cal["efficiency"].update(eff)
+                self.calibrated = True
+        self.precision = cfg["compute"]["precision"]
+        self.stages: dict[str, Stage] = {}
+        self.transient: dict[str, float] = {}
+
+    # ---- helpers
+    def stage(self, name: str, gpu: bool = False, kept: bool = True, key: str = "") -> Stage:
+        if name not in self.stages:
+            self.stages[name] = Stage(name, torch=name not in NUMPY_STAGES, gpu=gpu and self.dev["gpu"],
+                                      kept=kept, key=key)
+        return self.stages[name]
+
+    def _chunk(self, p: int, size: int) -> int:
+        from .grads.engine import MAX_CHUNK_BYTES
+
+        return max(1, min(int(size), MAX_CHUNK_BYTES // max(1, 4 * p)))
+
+    def _seconds(self, flops: float, kind: str) -> float:
+        peak = self.dev["peak"].get(self.precision, self.dev["peak"]["fp32"])
+        return flops / (peak * self.cal["efficiency"][kind])
+
+    def _mem(self, work: float, host_extra: float = 0.0, torch: bool = True) -> tuple[float, float]:
+        """(host, gpu) bytes of a job whose device working set is ``work``."""
+        base = self.cal["host_base_torch" if torch else "host_base_numpy"]
+        model = 2.0 * 4 * self.f.num_params if torch else 0.0
+        if self.dev["gpu"]:
+            return base + model + host_extra, work + 4.0 * self.f.num_params
+        return base + model + host_extra + work, 0.0
+
+    def _forward_work(self, batch: int) -> float:
+        return batch * (self.f.input_bytes + 3.0 * self.f.peak_activation_bytes)
+
+    def _persample_work(self, p: int, size: int, extra: float = 0.0) -> float:
+        """Working set of a per-sample gradient job over ``p`` parameters."""
+        c = self._chunk(p, size)
+        batch = int(self.cfg["compute"]["batch_size"])
+        ws = self.cal["workspace_factor"] * c * p * 4
+        return ws + c * self.f.saved_bytes + batch * self.f.input_bytes + extra
+
+    # ---- the stages
+    def build(self) -> dict:
+        cfg, f, sz = self.cfg, self.f, self.sizes
+        datasets = list(sz)
+        scored = [d for d in datasets if d != "id_train"]
+        F = f.forward_flops
+        batch = int(cfg["compute"]["batch_size"])
+        C, D = f.num_classes, f.feature_dim
+
+        # data and model
+        for ds in datasets:
+            src = self._source(ds)
+            st = self.stage("prepare")
+            img = cfg["data"]["image_size"] ** 2 * cfg["data"]["channels"]
+            files = src.get("kind") == "imagefolder"
+            written = sz[ds] * (110 + (0 if files else img))
+            st.add_job(written, self.cal["host_base_numpy"] + (0 if files else 2.0 * sz[ds] * img))
+        mst = self.stage("train" if cfg["model"]["source"] == "train" else "load_model")
+        mst.add_job(4.0 * f.num_params, *self._mem(self._forward_work(batch)),
+                    flops=3 * F * sz["id_train"] * (cfg["model"]["train"]["epochs"]
+                                                    if cfg["model"]["source"] == "train" else 0))
+        self.stage("model_card").add_job(1.3e3, self.cal["host_base_torch"] * 0.75)
+
+        # extraction and feature detectors
+        row_emb = 4 * (D + C) + 3 * 8
+        for ds in datasets:
+            for rows in _shard_rows(sz[ds], n_shards(cfg, ds)):
+                self.stage("extract", gpu=True, key="forward").add_job(
+                    rows * row_emb, *self._mem(self._forward_work(batch)), flops=F * rows)
+        dets = self._detectors(cfg["detectors"])
+        grad_keys = {n for n, d in dets.items() if d["method"] == "stored_grad_score"}
+        if grad_keys:
+            n_scores = len(cfg["gradients"]["scores"])
+            for ds in scored:
+                for rows in _shard_rows(sz[ds], n_shards(cfg, ds)):
+                    p = f.grad_params
+                    self.stage("grad_scores", gpu=True, key="persample").add_job(
+                        rows * (8 * n_scores + 16), *self._mem(self._persample_work(p, cfg["gradients"]["chunk_size"])),
+                        flops=rows * (3 * F + 4 * p))
+        n_train = sz["id_train"]
+        for name, d in dets.items():
+            self.stage("fit_detector").add_job(*self._fit_bytes(d["method"], n_train, D, C, d["hparams"]))
+            for ds in scored:
+                if d["needs_model"]:
+                    self.stage("score_model_detector", gpu=True, key="forward").add_job(
+                        8 * sz[ds] + 128, *self._mem(self._forward_work(batch) * 2), flops=4 * F * sz[ds])
+                else:
+                    self.stage("score_detector").add_job(
+                        8 * sz[ds] + 128, self.cal["host_base_numpy"] + self._score_host(d["method"], sz[ds], n_train, D))
+
+        spaces = list(cfg["subspace"]["types"]) if cfg["subspace"]["enabled"] else []
+        if spaces:
+            self._subspace(spaces, datasets, scored)
+        n_files = len(scored) * (len(dets) + (len(self._detectors(cfg["subspace"]["detectors"])) * 2 * len(spaces)
+                                               if spaces else 0))
+        self.stage("evaluate").add_job(150.0 * n_files + 5e3, self.cal["host_base_numpy"] + 16.0 * sum(sz.values()))
+        if spaces:
+            self.stage("timing_tables").add_job(2e3, self.cal["host_base_numpy"])
+        self.stage("report").add_job(5e5 + 1.3e4 * n_files, 2e8)
+        return self.summary()
+
+    def _source(self, ds: str) -> dict:
+        idc = self.cfg["data"]["id"]
+        if ds in ("id_train", "id_test"):
+            return idc.get("train" if ds == "id_train" else "test") or idc["source"]
+        return self.cfg["data"]["ood"][ds]
+
+    def _detectors(self, section) -> dict:
+        from .detectors.base import get_detector
+
+        out = {}
+        for name, spec in (section or {}).items():
+            hp = dict(spec or {})
+            method = hp.pop("method", name)
+            cls = get_detector(method)
+            out[name] = {"method": method, "hparams": hp, "needs_model": bool(cls.needs_model)}
+        return out
+
+    def _fit_bytes(self, method: str, n: int, d: int, c: int, hp: Mapping) -> tuple[float, float]:
+        base = self.cal["host_base_torch"]
+        m = method.removeprefix("grad_")
+        if m == "knn":
+            return 4.0 * n * d, base + 8.0 * n * d
+        if m in ("mahalanobis",):
+            return 8.0 * (d * d + c * d), base + 8.0 * n * d
+        if m == "vim":
+            return 8.0 * d * d, base + 8.0 * n * d + 8.0 * d * d
+        if m == "grood":  # class prototypes and the ID-train features
+            return 4.0 * n * d + 8.0 * (c + 1) * d * 2, base + 8.0 * n * d
+        return 4e3 + 8.0 * d, base + 8.0 * n * d
+
+    def _score_host(self, method: str, n: int, n_train: int, d: int) -> float:
+        if method.removeprefix("grad_") == "knn":
+            return 8.0 * (n + n_train) * d
+        return 8.0 * n * d
+
+    def _subspace(self, spaces, datasets, scored) -> None:
+        cfg, f, sz = self.cfg, self.f, self.sizes
+        sub = cfg["subspace"]
+        F = f.forward_flops
+        P = sum(f.block_sizes.values())
+        C = f.num_classes
+        k = int(sub["k"])
+        K = k + int(sub["oversample"])
+        parts = _data_parts(cfg)
+        rows_train = _shard_rows(sz["id_train"], n_shards(cfg, "id_train"))
+        part_rows = [sum(rows_train[s] for s in ps) for ps in parts]
+        size = int(sub["chunk_size"])
+        groups = f.group_sizes
+        split = len(groups) > 1
+        stats_extra = 3 * 8.0 * P
+
+        for n in part_rows:
+            self.stage("gradstats_partial", gpu=True, key="persample").add_job(
+                2 * 8.0 * P + 1e3, *self._mem(self._persample_work(P, size, stats_extra)), flops=n * (3 * F + 4 * P))
+        self.stage("gradstats_reduce").add_job(2 * 8.0 * P, self.cal["host_base_numpy"] + 6 * 8.0 * P)
+        n_train = sz["id_train"]
+
+        if "ag" in spaces:
+            ag_bytes = 4.0 * P * C
+            for n in part_rows:
+                self.stage("ag_partial", gpu=True, kept=False, key="persample").add_job(
+                    ag_bytes, *self._mem(self._persample_work(P, size, 8.0 * P * C + 2 * 8.0 * P)),
+                    flops=n * (3 * F + 4 * P))
+            self.transient["ag_partial"] = ag_bytes * len(parts)
+            agd = C - 1
+            self.stage("ag_reduce").add_job(4.0 * P * (C + agd), self.cal["host_base_numpy"] + 8.0 * P * C * 3)
+
+        reduced_k = {}
+        if "pca" in spaces:
+            V = 4.0 * P * K
+            # V-init is released by the reduce of pass 0
+            self.stage("pca_init", kept=False).add_job(V, self.cal["host_base_numpy"] + 3 * 8.0 * P * K)
+            T = _pca_passes(sub)
+            for t in range(T):
+                for w, n in enumerate(part_rows):
+                    images = n * (8.0 * K + 8)
+                    if not split:
+                        self.stage("pca_pass", gpu=True, kept=False, key="persample").add_job(
+                            V + images, *self._mem(self._persample_work(P, size, 4.0 * P * K + 8.0 * P * K),
+                                                   host_extra=8.0 * P * K if self.dev["gpu"] else 0),
+                            flops=n * (3 * F + 4 * P * K + 2 * P))
+                        continue
+                    for _g, pg in groups.items():
+                        self.stage("pca_gv", gpu=True, kept=False, key="persample").add_job(
+                            images, *self._mem(self._persample_work(pg, size, 4.0 * pg * K)),
+                            flops=n * (3 * F + 2 * pg * K))
+                    for _g, pg in groups.items():
+                        self.stage("pca_pass_block", gpu=True, kept=False, key="persample").add_job(
+                            4.0 * pg * K + images, *self._mem(self._persample_work(pg, size, 8.0 * pg * K)),
+                            flops=n * (3 * F + 2 * pg * K))
+                krylov = n_train * (8.0 * K + 8) + 8.0 * K * K + (8.0 * n_train * k if t >= 1 else 0)
+                # V_{t+1} is released by the next reduce; the basis after the last pass stays
+                self.stage("pca_reduce").add_job(V + krylov, self.cal["host_base_numpy"] + 3 * 8.0 * P * K
+                                                 + 8.0 * n_train * K * (t + 1),
+                                                 kept=krylov + (V if t == T - 1 else 0.0))
+                self.stage("pca_diagnostics").add_job(3e3, self.cal["host_base_numpy"])
+            self.stage("pca_settings").add_job(200.0, self.cal["host_base_numpy"])
+            lift_groups = groups if split else {"all": P}
+            for _g, pg in lift_groups.items():
+                for n in part_rows:
+                    self.stage("pca_lift", gpu=True, kept=False, key="persample").add_job(
+                        4.0 * pg * k, *self._mem(self._persample_work(pg, size, 4.0 * pg * k + 8.0 * pg * k)),
+                        flops=n * (3 * F + 2 * pg * k))
+            self.stage("pca_finalize").add_job(4.0 * P * k, self.cal["host_base_numpy"] + 3 * 8.0 * P * k)
+            # transient: one pass's partials, the basis it read and the one the reduce writes
+            parts_bytes = len(parts) * ((len(groups) if split else 1) * V / max(1, len(groups) if split else 1)
+                                        + (len(groups) if split else 1) * n_train * 8.0 * K)
+            self.transient["pca"] = parts_bytes + 2 * V
+            reduced_k["pca"] = k
+        if "ag" in spaces:
+            reduced_k["ag"] = C - 1
+
+        row = lambda kk: 4.0 * kk + 24  # noqa: E731  reduced float32 + labels, index, gnorm2
+        for space, kk in reduced_k.items():
+            for ds in datasets:
+                for rows in _shard_rows(sz[ds], n_shards(cfg, ds)):
+                    if not split:
+                        self.stage("project", gpu=True, key="persample").add_job(
+                            rows * row(kk), *self._mem(self._persample_work(P, size, 4.0 * P * kk)),
+                            flops=rows * (3 * F + 2 * P * kk))
+                        continue
+                    for _g, pg in groups.items():
+                        self.stage("project_block", gpu=True, kept=False, key="persample").add_job(
+                            rows * row(kk), *self._mem(self._persample_work(pg, size, 4.0 * pg * kk)),
+                            flops=rows * (3 * F + 2 * pg * kk))
+                    self.stage("project_merge").add_job(rows * row(kk), self.cal["host_base_numpy"]
+                                                        + 2 * rows * row(kk) * len(groups))
+            gdets = self._detectors(sub["detectors"])
+            for name, d in gdets.items():
+                self.stage("fit_grad_detector").add_job(*self._fit_bytes(d["method"], n_train, kk, C, d["hparams"]))
+                for ds in scored:
+                    self.stage("score_grad_detector").add_job(
+                        8 * sz[ds] + 128, self.cal["host_base_numpy"] + self._score_host(d["method"], sz[ds], n_train, kk))
+            for name in sub["ensemble"]["detectors"]:
+                if name in gdets and name in self.cfg["detectors"]:
+                    for ds in scored:
+                        self.stage("ensemble").add_job(8 * sz[ds] + 128, self.cal["host_base_numpy"])
+            self.stage("subspace_diagnostics").add_job(5e4, 1e8)
+        nd = int(sub["diagnostics"]["n_samples"])
+        ref = min(nd, n_train) * 4.0 * P
+        self.stage("gradient_diagnostics", gpu=True, key="persample").add_job(
+            1.2e3, *self._mem(self._persample_work(P, size, min(ref, float(sub["diagnostics"]["max_gib"]) * GiB))),
+            flops=sum(min(nd, n) for n in sz.values()) * (3 * F + 2 * P))
+
+    # ---- totals
+    def summary(self) -> dict:
+        kinds = {"forward": "forward", "persample": "persample"}
+        start = self.cal["job_start_seconds"]
+        for st in self.stages.values():
+            st.seconds = st.jobs * start["torch" if st.torch else "numpy"]
+            if st.flops:
+                st.seconds += self._seconds(st.flops, kinds.get(st.key, "forward"))
+        kept = sum(st.kept_bytes for st in self.stages.values())
+        peak_disk = kept + sum(self.transient.values())
+        gpu_seconds = sum(st.seconds for st in self.stages.values() if st.gpu)
+        out = {
+            "device": self.device, "device_label": self.dev["label"], "gpus": self.gpus,
+            "precision": self.precision, "calibrated": self.calibrated,
+            "sizes": dict(self.sizes),
+            "model": {"num_params": self.f.num_params, "subspace_params": sum(self.f.block_sizes.values()),
+                      "block_groups": self.f.group_sizes, "forward_flops": self.f.forward_flops},
+            "pca_passes": _pca_passes(self.cfg["subspace"]) + 1 if "pca" in self.cfg["subspace"]["types"] else 0,
+            "stages": {name: {"jobs": st.jobs, "bytes_written": int(st.bytes_written),
+                              "kept_bytes": int(st.kept_bytes),
+                              "peak_job_gpu_bytes": int(st.peak_job_gpu_bytes),
+                              "peak_job_host_bytes": int(st.peak_job_host_bytes),
+                              "flops": float(st.flops), "seconds": float(st.seconds),
+                              "gpu": st.gpu, "kept": st.kept}
+                       for name, st in self.stages.items()},
+            "bytes_written": int(sum(st.bytes_written for st in self.stages.values())),
+            "peak_disk_bytes": int(peak_disk),
+            "transient_bytes": {k: int(v) for k, v in self.transient.items()},
+            "gpu_hours": gpu_seconds / 3600.0 if self.dev["gpu"] else 0.0,
+            "seconds": sum(st.seconds for st in self.stages.values()),
+            "wall_seconds": self._wall(),
+        }
+        return out
+
+    def _wall(self) -> float:
+        """Critical-path estimate: each stage's jobs spread over the GPUs (CPU: one at a time)."""
+        lanes = self.gpus if self.dev["gpu"] else 1
+        total = 0.0
+        for st in self.stages.values():
+            if st.jobs:
+                per_job = st.seconds / st.jobs
+                total += per_job * math.ceil(st.jobs / lanes)
+        return total
+
+
+def make_plan(cfg: dict, device: str = "cpu", gpus: int = 1, sizes: Mapping | None = None,
+              calibration: Mapping | None = None, results: Path | None = None) -> dict:
+    results = results if results is not None else Path("results") / cfg["experiment"]
+    sz = dataset_sizes(cfg, results, sizes)
+    facts = model_facts(cfg)
+    return Planner(cfg, sz, facts, device, gpus, calibration).build()
+
+
+def check_budget(plan: dict, max_disk: float | None = None, max_gpu_mem: float | None = None) -> None:
+    """ConfigError naming the stage and the key to change when the plan exceeds a budget."""
+    if max_disk is not None and plan["peak_disk_bytes"] > max_disk:
+        worst = max(plan["stages"].items(), key=lambda kv: kv[1]["bytes_written"])[0]
+        trans = max(plan["transient_bytes"].items(), key=lambda kv: kv[1], default=(None, 0))
+        stage = trans[0] if trans[1] > plan["stages"][worst]["bytes_written"] else worst
+        key = DISK_KEYS.get("pca" if str(stage).startswith("pca") else "ag" if str(stage).startswith("ag")
+                            else "extract", "")
+        raise ConfigError(f"plan exceeds --max-disk: peak disk in use {fmt_bytes(plan['peak_disk_bytes'])} > "
+                          f"{fmt_bytes(max_disk)}; largest contributor: stage {stage}; change {key}")
+    if max_gpu_mem is not None:
+        for name, st in plan["stages"].items():
+            mem = st["peak_job_gpu_bytes"] if plan["stages"][name]["gpu"] else 0
+            if mem > max_gpu_mem:
+                key = GPU_KEYS["persample" if name not in ("extract", "score_model_detector", "train",
+                                                           "load_model") else "forward"]
+                raise ConfigError(f"plan exceeds --max-gpu-mem: stage {name} needs {fmt_bytes(mem)} per job "
+                                  f"> {fmt_bytes(max_gpu_mem)}; change {key}")
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, div in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_bytes(text: str) -> float:
+    """'500G', '2T', '80GB', '1.5e12' -> bytes (decimal units)."""
+    s = str(text).strip().upper().removesuffix("B")
+    mult = {"K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
+    try:
+        if s and s[-1] in mult:
+            return float(s[:-1]) * mult[s[-1]]
+        return float(s)
+    except ValueError as exc:
+        raise ConfigError(f"cannot read {text!r} as a size (e.g. 500G, 2T)") from exc
+
+
+def fmt_seconds(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    return f"{s:.1f} s"
+
+
+def render(plan: dict) -> str:
+    lines = [f"gradspace plan on {plan['device_label']} x {plan['gpus']} ({plan['precision']})"
+             + ("" if plan["calibrated"] else "  [efficiency: CPU-measured stand-in; run benchmarks/gpu_check.sh]"),
+             "samples: " + ", ".join(f"{k}={v}" for k, v in plan["sizes"].items()),
+             f"model: {plan['model']['num_params']:,} parameters ({plan['model']['subspace_params']:,} in the "
+             f"subspace), {plan['model']['forward_flops'] / 1e9:.2f} GFLOP per forward; PCA data passes "
+             f"(incl. lift, worst case): {plan['pca_passes']}", ""]
+    hdr = f"{'stage':24s} {'jobs':>6s} {'written':>10s} {'GPU mem/job':>12s} {'host mem/job':>13s} {'PFLOP':>9s} {'time':>10s}"
+    lines += [hdr, "-" * len(hdr)]
+    for name, st in plan["stages"].items():
+        lines.append(f"{name:24s} {st['jobs']:6d} {fmt_bytes(st['bytes_written']):>10s} "
+                     f"{fmt_bytes(st['peak_job_gpu_bytes']) if st['gpu'] else '-':>12s} "
+                     f"{fmt_bytes(st['peak_job_host_bytes']):>13s} {st['flops'] / 1e15:9.3g} "
+                     f"{fmt_seconds(st['seconds']):>10s}")
+    lines += ["", f"bytes written in all: {fmt_bytes(plan['bytes_written'])}",
+              f"peak disk in use: {fmt_bytes(plan['peak_disk_bytes'])} (transient: "
+              + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in plan["transient_bytes"].items()) + ")",
+              f"GPU-hours: {plan['gpu_hours']:.2f}; wall time with {plan['gpus']} device(s): "
+              f"{fmt_seconds(plan['wall_seconds'])}"]
+    return "\n".join(lines)
+
+
+def _cmd_plan(a) -> int:
+    cfg = load_config(a.configfile, parse_overrides(a.set))
+    sizes = {}
+    for item in (a.sizes or "").split(","):
+        if item.strip():
+            k, _, v = item.partition("=")
+            sizes[k.strip()] = int(v)
+    calib = None
+    if a.calibration:
+        with open(a.calibration) as fh:
+            calib = json.load(fh)
+    plan = make_plan(cfg, a.device, a.gpus, sizes, calib,
+                     Path(a.results) if a.results else None)
+    if a.json:
+        print(json.dumps(plan, indent=1, sort_keys=True))
+    else:
+        print(render(plan))
+    check_budget(plan, parse_bytes(a.max_disk) if a.max_disk else None,
+                 parse_bytes(a.max_gpu_mem) if a.max_gpu_mem else None)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("plan", help="jobs, memory, disk, FLOPs and time of a config, before anything runs",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("--configfile", nargs="+", default=None,
+                   help="config files, merged in order like snakemake --configfile (default config/config.yaml)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra config values, e.g. subspace.k=1000")
+    p.add_argument("--device", default="cpu", choices=sorted(DEVICES), help="device to estimate run time on")
+    p.add_argument("--gpus", type=int, default=1, help="devices working in parallel (wall time)")
+    p.add_argument("--sizes", default="", help="samples per dataset, e.g. id_train=50000,id_test=50000")
+    p.add_argument("--results", default=None, help="results/<experiment> of an earlier run (exact sizes)")
+    p.add_argument("--calibration", default=None, help="JSON from benchmarks/gpu_check.sh (measured efficiency)")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    p.add_argument("--max-disk", default=None, help="fail when the peak disk in use exceeds this (e.g. 2T)")
+    p.add_argument("--max-gpu-mem", default=None, help="fail when a job needs more GPU memory (e.g. 80G)")
+    p.set_defaults(func=_cmd_plan)
+
+
+__all__ = ["CALIBRATION", "DEVICES", "Planner", "check_budget", "dataset_sizes", "load_config",
+           "make_plan", "model_facts", "render"]
+
+
+# ---------------------------------------------------------------------------------------
+# what a finished run measured, for the plan's checks (tests, benchmarks/rehearsal.py)
+
+
+def _path_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return 0
+
+
+def parse_snakemake_log(text: str) -> list[dict]:
+    """The jobs a Snakemake log announces: [{rule, output: [...], benchmark}] (one per
+    ``rule X:`` / ``checkpoint X:`` block; ``localrule`` targets without work are skipped)."""
+    jobs, cur = [], None
+    for line in text.splitlines():
+        s = line.strip()
+        head = s.split()
+        if len(head) == 2 and head[0] in ("rule", "checkpoint", "localrule", "localcheckpoint") and s.endswith(":"):
+            cur = {"rule": head[1].rstrip(":"), "output": [], "benchmark": None}
+            jobs.append(cur)
+        elif cur is not None and s.startswith("output:"):
+            cur["output"] = [p.strip() for p in s[len("output:"):].split(",") if p.strip()]
+        elif cur is not None and s.startswith("benchmark:"):
+            cur["benchmark"] = s[len("benchmark:"):].strip()
+        elif not s:
+            cur = None
+    return [j for j in jobs if j["output"]]
+
+
+def measure_run(workdir: str | os.PathLike, log_text: str) -> dict:
+    """Per rule of a finished run: jobs, bytes of its outputs (run it with --notemp and
+    GRADSPACE_KEEP_CONSUMED=1 to keep temporary ones), peak RSS and seconds of its jobs
+    (the rules' ``benchmark:`` files)."""
+    import csv
+
+    workdir = Path(workdir)
+    out: dict[str, dict] = {}
+    seen = set()
+    for job in parse_snakemake_log(log_text):
+        key = tuple(job["output"])
+        if key in seen:
+            continue
+        seen.add(key)
+        st = out.setdefault(job["rule"], {"jobs": 0, "bytes_written": 0, "max_rss_bytes": 0.0, "seconds": 0.0})
+        st["jobs"] += 1
+        st["bytes_written"] += sum(_path_bytes(workdir / p) for p in job["output"])
+        bench = workdir / job["benchmark"] if job["benchmark"] else None
+        if bench is not None and bench.is_file():
+            with open(bench) as fh:
+                rows = list(csv.DictReader(fh, delimiter="\t"))
+            for r in rows:
+                try:
+                    st["max_rss_bytes"] = max(st["max_rss_bytes"], float(r["max_rss"]) * (1 << 20))
+                    st["seconds"] += float(r["s"])
+                except (KeyError, ValueError):
+                    pass
+    return out

@@ -1,0 +1,146 @@
+"""`gradspace plan`: its jobs are the workflow's jobs, its budgets fail with the key to
+change, the ImageNet preset's subspace disk stays within a small constant of |V| + |AG|,
+and its bytes and memory agree with what a real run measured."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import BIN, REPO, TINY, run_snakemake
+from gradspace.errors import ConfigError
+from gradspace.plan import check_budget, load_config, make_plan, measure_run, parse_snakemake_log
+
+PRESET = REPO / "config" / "presets" / "imagenet-resnet50.yaml"
+
+
+def gradspace(*args, cwd=None):
+    return subprocess.run([str(BIN / "gradspace"), *args], capture_output=True, text=True, cwd=cwd)
+
+
+def _write(path, cfg):
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _dry_run_counts(workdir) -> dict:
+    """Jobs per rule of a dry run of everything (Snakemake's "Job stats" table)."""
+    out = run_snakemake(workdir, "--configfile", "config.yaml", "-n").stdout
+    counts, table = {}, False
+    for line in out.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            table = True
+        elif table and len(parts) == 2 and parts[1].isdigit():
+            if parts[0] == "total":
+                break
+            if parts[0] != "all":
+                counts[parts[0]] = int(parts[1])
+    assert counts, out[-3000:]
+    return counts
+
+
+VARIANTS = {
+    "tiny": {},
+    # block groups, data parts and more ID-train shards than parts
+    "split": {"data": {"id": {"shards": 4}}, "subspace": {"block_jobs": 2, "data_parts": 2, "iterations": 1}},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_plan_jobs_are_the_dry_run_jobs(tmp_path, variant):
+    cfg = yaml.safe_load(TINY.read_text())
+    for section, values in VARIANTS[variant].items():
+        for k, v in values.items():
+            cfg[section][k] = {**cfg[section].get(k, {}), **v} if isinstance(v, dict) else v
+    _write(tmp_path / "config.yaml", cfg)
+    dry = _dry_run_counts(tmp_path)
+    plan = make_plan(load_config([tmp_path / "config.yaml"]), results=tmp_path / "results" / "tiny")
+    planned = {name: st["jobs"] for name, st in plan["stages"].items()}
+    assert planned == dict(dry)
+
+
+def test_plan_json_and_budgets(tmp_path):
+    shutil.copy(TINY, tmp_path / "config.yaml")
+    proc = gradspace("plan", "--configfile", "config.yaml", "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert {"stages", "peak_disk_bytes", "gpu_hours"} <= set(plan)
+    for st in plan["stages"].values():
+        assert {"jobs", "bytes_written", "peak_job_gpu_bytes", "peak_job_host_bytes", "seconds"} <= set(st)
+        assert st["jobs"] >= 1 and st["bytes_written"] > 0 and st["peak_job_host_bytes"] > 0
+    assert plan["peak_disk_bytes"] > 0
+    # a disk budget below the plan fails, naming a stage and the key to change
+    proc = gradspace("plan", "--configfile", "config.yaml", "--max-disk", "1M", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "--max-disk" in proc.stderr and "stage " in proc.stderr and "change " in proc.stderr
+    # GPU memory: the tiny jobs fit an H100; a 100 MB budget does not
+    assert gradspace("plan", "--configfile", "config.yaml", "--device", "h100",
+                     "--max-gpu-mem", "80G", cwd=tmp_path).returncode == 0
+    proc = gradspace("plan", "--configfile", "config.yaml", "--device", "h100", "--max-gpu-mem", "100M",
+                     cwd=tmp_path)
+    assert proc.returncode == 2 and "stage " in proc.stderr and "chunk_size" in proc.stderr
+
+
+def test_imagenet_preset_subspace_disk_within_a_constant_of_its_results(tmp_path):
+    cfg = load_config([PRESET])
+    plan = make_plan(cfg, device="h100", results=tmp_path)
+    assert plan["sizes"]["id_train"] == 50_000 and plan["sizes"]["id_test"] == 50_000
+    P = plan["model"]["subspace_params"]
+    assert P == 25_557_032
+    K = cfg["subspace"]["k"] + cfg["subspace"]["oversample"]
+    V = 4.0 * P * K
+    AG = 4.0 * P * (1000 + 999)  # class means and the C - 1 basis, float32
+    sub = ("gradstats", "ag_", "pca_")
+    kept = sum(st["kept_bytes"] for n, st in plan["stages"].items() if n.startswith(sub))
+    transient = sum(plan["transient_bytes"].values())
+    # peak disk of the subspace stages: what they keep + the largest transient set
+    ratio = (kept + transient) / (V + AG)
+    assert ratio < 2.0, ratio
+    # budgets name the stage and the key
+    with pytest.raises(ConfigError, match="subspace"):
+        check_budget(plan, max_disk=1e11)
+    with pytest.raises(ConfigError, match="stage "):
+        check_budget(plan, max_gpu_mem=4e9)
+
+
+def test_log_parser():
+    log = ("rule extract:\n    input: a\n    output: results/x/e/shard-0.zarr\n    jobid: 3\n"
+           "    benchmark: results/x/benchmarks/extract/shard-0.tsv\n\n"
+           "checkpoint pca_diagnostics:\n    output: d/pass-000.json\n\nlocalrule all:\n    input: q\n")
+    jobs = parse_snakemake_log(log)
+    assert [j["rule"] for j in jobs] == ["extract", "pca_diagnostics"]
+    assert jobs[0]["benchmark"].endswith("shard-0.tsv") and jobs[1]["output"] == ["d/pass-000.json"]
+
+
+@pytest.mark.slow
+def test_plan_agrees_with_a_measured_run(tiny_workdir):
+    """Bytes of every stage that keeps >= 1 MiB, and the peak RSS of every stage, within
+    +-20% of the tiny run's stores and benchmark files."""
+    logs = sorted((tiny_workdir / ".snakemake" / "log").glob("*.snakemake.log"))
+    measured = {}
+    for log in logs:
+        for rule, st in measure_run(tiny_workdir, log.read_text()).items():
+            measured.setdefault(rule, st)
+    plan = make_plan(load_config([tiny_workdir / "config.yaml"]), results=tiny_workdir / "results" / "tiny")
+    bad = []
+    for name, st in plan["stages"].items():
+        m = measured.get(name)
+        if not m:
+            continue
+        if st["kept"] and m["bytes_written"] >= 1 << 20:
+            r = st["bytes_written"] / m["bytes_written"]
+            if abs(r - 1) > 0.2:
+                bad.append(f"{name}: bytes planned/measured {r:.2f}")
+        if m["max_rss_bytes"] > 0 and m["seconds"] >= 2.0:
+            r = st["peak_job_host_bytes"] / m["max_rss_bytes"]
+            if abs(r - 1) > 0.2:
+                bad.append(f"{name}: peak RSS planned/measured {r:.2f}")
+    assert not bad, "\n".join(bad)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-v"]))
