@@ -89,7 +89,7 @@ def test_ag_rank_centred_is_c_minus_1_despite_float32_noise(tmp_path, duplicate)
     assert np.linalg.matrix_rank(means, tol=1e-8 * np.linalg.norm(means, 2)) == expected
     # the float32 noise: the dependent column's R diagonal is above the former cut (1e-6 of the
     # largest), so that cut kept a pure-noise column here
-    stored = {b: ag.summed_block(power.open_partials(paths, layout, kind=ag.AG_PARTIAL_KIND)[0], b, "S")
+    stored = {b: ag.class_block(power.open_partials(paths, layout, kind=ag.AG_PARTIAL_KIND)[0], b, C)
               / np.bincount(y, minlength=C) for b in layout.block_names}
     r = np.abs(np.diag(power.tsqr(layout.block_names, stored.__getitem__)[1]))
     assert np.sum(r > 1e-6 * r.max()) > expected

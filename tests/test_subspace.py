@@ -484,6 +484,47 @@ def test_ag_equals_explicit_class_means(tmp_path):
     assert info2["k"] == 3 and sine(V2, raw_means) < 1e-4
 
 
+def test_ag_class_partitioned_jobs_equal_one_job(tmp_path):
+    """Class-range jobs (subspace.ag.class_jobs) over two data parts: each partial holds only
+    its classes' columns, gradients are computed only for its classes' samples, and the
+    reduce gives the one-job subspace; a missing range is an error naming the gap."""
+    model = make_model()
+    x, y = make_data(90)
+    layout = layout_of(model)
+    st, _ = stats_of(model, x, layout)
+    op = JvpVjpOperator(model, layout, st)
+    sums, counts = ag.class_sums(op, batches(x, y, 16), 3)
+    ag.write_ag_partial(tmp_path / "one.zarr", layout, sums, counts, {"shard": 0})
+    ref = ag.reduce_ag([tmp_path / "one.zarr"], layout, tmp_path / "ref.zarr", True, st)
+    seen = []
+
+    class Counting(JvpVjpOperator):
+        def gtu(self, xb, U, blocks=None):
+            seen.append(int(xb.shape[0]))
+            return super().gtu(xb, U, blocks)
+
+    op2 = Counting(model, layout, st)
+    paths = []
+    for job in range(2):
+        c0, c1 = ag.class_range(3, 2, job)
+        for part, (lo, hi) in enumerate(((0, 50), (50, 90))):
+            sums, counts = ag.class_sums(op2, batches(x[lo:hi], y[lo:hi], 16), 3, classes=(c0, c1))
+            assert all(v.shape[1] == c1 - c0 for v in sums.values())
+            assert counts[:c0].sum() == counts[c1:].sum() == 0
+            paths.append(tmp_path / f"c{job}-p{part}.zarr")
+            ag.write_ag_partial(paths[-1], layout, sums, counts,
+                                {"shard": f"classes {c0}-{c1} of {part}", "classes": [c0, c1]})
+    assert sum(seen) == 90  # one gradient per sample over all class jobs
+    info = ag.reduce_ag(paths, layout, tmp_path / "ag.zarr", True, st)
+    assert info["k"] == ref["k"] and info["counts"] == ref["counts"]
+    g1, _, _ = power.read_basis(tmp_path / "ref.zarr", "subspace")
+    g2, _, _ = power.read_basis(tmp_path / "ag.zarr", "subspace")
+    M1 = full_basis(g1, layout, "means")
+    np.testing.assert_allclose(full_basis(g2, layout, "means"), M1, rtol=1e-4, atol=1e-5 * np.abs(M1).max())
+    with pytest.raises(StoreError, match="do not tile"):
+        ag.reduce_ag([p for p in paths if not p.name.startswith("c0")], layout, tmp_path / "bad.zarr", True, st)
+
+
 # -- projection -----------------------------------------------------------------------------
 
 def test_projection_and_reconstruction_error(tmp_path):

@@ -533,24 +533,29 @@ class Planner:
         for n in part_rows:
             self.stage("gradstats_partial", gpu=True, key="persample").add_job(
                 2 * 8.0 * P + 1e3, *self._mem(self._persample_work(P, size, stats_extra)), flops=n * (3 * F + 4 * P))
-        self.stage("gradstats_reduce").add_job(2 * 8.0 * P, self.cal["host_base_numpy"] + 6 * 8.0 * P)
+        self.stage("gradstats_reduce").add_job(2 * 8.0 * P, self.cal["host_base_numpy"] + 4 * 8.0 * P)
         n_train = sz["id_train"]
 
         if "ag" in spaces:
-            ag_bytes = 4.0 * P * C
-            for n in part_rows:
-                self.stage("ag_partial", gpu=True, kept=False, key="persample").add_job(
-                    ag_bytes, *self._mem(self._persample_work(P, size, 8.0 * P * C + 2 * 8.0 * P)),
-                    flops=n * (3 * F + 4 * P))
-            self.transient["ag_partial"] = ag_bytes * len(parts)
-            agd = C - 1
-            self.stage("ag_reduce").add_job(4.0 * P * (C + agd), self.cal["host_base_numpy"] + 8.0 * P * C * 3)
+            # one job per (class range, data part): gradients of the range's samples only,
+            # a P x C' float64 accumulator, P x C' float32 written (P x C per data part)
+            jobs = max(1, min(int(sub["ag"]["class_jobs"]), C))
+            for j in range(jobs):
+                cj = (j + 1) * C // jobs - j * C // jobs
+                for n in part_rows:
+                    self.stage("ag_partial", gpu=True, kept=False, key="persample").add_job(
+                        4.0 * P * cj, *self._mem(self._persample_work(P, size, 8.0 * P * cj + 4.0 * P * cj)),
+                        flops=n * cj / C * (3 * F + 4 * P))
+            self.transient["ag_partial"] = 4.0 * P * C * len(parts)
+            self.stage("ag_reduce").add_job(4.0 * P * (2 * C - 1), self.cal["host_base_numpy"]
+                                            + 3 * 8.0 * max(f.block_sizes.values()) * C)
 
         reduced_k = {}
         if "pca" in spaces:
             V = 4.0 * P * K
             # V-init is released by the reduce of pass 0
-            self.stage("pca_init", kept=False).add_job(V, self.cal["host_base_numpy"] + 3 * 8.0 * P * K)
+            Pb = max(f.block_sizes.values())  # the reduces hold one parameter block at a time
+            self.stage("pca_init", kept=False).add_job(V, self.cal["host_base_numpy"] + 3 * 8.0 * Pb * K)
             T = _pca_passes(sub)
             for t in range(T):
                 for w, n in enumerate(part_rows):
@@ -571,7 +576,7 @@ class Planner:
                             flops=n * (3 * F + 2 * pg * K))
                 krylov = n_train * (8.0 * K + 8) + 8.0 * K * K + (8.0 * n_train * k if t >= 1 else 0)
                 # V_{t+1} is released by the next reduce; the basis after the last pass stays
-                self.stage("pca_reduce").add_job(V + krylov, self.cal["host_base_numpy"] + 3 * 8.0 * P * K
+                self.stage("pca_reduce").add_job(V + krylov, self.cal["host_base_numpy"] + 3 * 8.0 * Pb * K
                                                  + 8.0 * n_train * K * (t + 1),
                                                  kept=krylov + (V if t == T - 1 else 0.0))
                 self.stage("pca_diagnostics").add_job(3e3, self.cal["host_base_numpy"])
@@ -582,7 +587,7 @@ class Planner:
                     self.stage("pca_lift", gpu=True, kept=False, key="persample").add_job(
                         4.0 * pg * k, *self._mem(self._persample_work(pg, size, 4.0 * pg * k + 8.0 * pg * k)),
                         flops=n * (3 * F + 2 * pg * k))
-            self.stage("pca_finalize").add_job(4.0 * P * k, self.cal["host_base_numpy"] + 3 * 8.0 * P * k)
+            self.stage("pca_finalize").add_job(4.0 * P * k, self.cal["host_base_numpy"] + 3 * 8.0 * Pb * k)
             # transient: one pass's partials, the basis it read and the one the reduce writes
             parts_bytes = len(parts) * ((len(groups) if split else 1) * V / max(1, len(groups) if split else 1)
                                         + (len(groups) if split else 1) * n_train * 8.0 * K)

@@ -56,29 +56,52 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import DataError, StoreError
-from .io import atomic_group, put_array
+from ..errors import ConfigError, DataError, StoreError
+from .io import atomic_group, put_array, read_block
 from .layout import ParamLayout
-from .power import SUBSPACE_KIND, open_partials, summed_block, tsqr
+from .power import SUBSPACE_KIND, open_partials, tsqr
 
 AG_PARTIAL_KIND = "ag_partial"
 
 
-def class_sums(op, batches, num_classes: int, timer=None, device=None, where: str = ""):
-    """{b: Σ_{i: y=c} G_{i,b}} (P_b×C, float64) and the class counts over ``batches``."""
+def class_range(num_classes: int, jobs: int, index: int) -> tuple[int, int]:
+    """Classes [c0, c1) of AG job ``index`` of ``jobs`` (``subspace.ag.class_jobs``):
+    contiguous ranges of about equal size."""
+    jobs = max(1, min(int(jobs), int(num_classes)))
+    if not 0 <= int(index) < jobs:
+        raise ConfigError(f"AG class job {index} outside 0..{jobs - 1}")
+    return int(index) * num_classes // jobs, (int(index) + 1) * num_classes // jobs
+
+
+def class_sums(op, batches, num_classes: int, timer=None, device=None, where: str = "",
+               classes: tuple[int, int] | None = None):
+    """{b: Σ_{i: y=c} G_{i,b}} (P_b×C', float64) and the class counts (length C) over
+    ``batches``, for the classes [c0, c1) = ``classes`` (default all; C' = c1 − c0).
+
+    A class-partitioned job computes gradients only of its classes' samples, so the jobs of
+    all class ranges together cost one gradient per sample, and each holds and writes only
+    its P×C' columns (the AG stage's memory and disk do not grow with the job count)."""
     import torch
 
-    acc = {b: torch.zeros(op.layout.block_size(b), num_classes, dtype=torch.float64, device=op.device)
+    c0, c1 = (0, int(num_classes)) if classes is None else (int(classes[0]), int(classes[1]))
+    if not 0 <= c0 < c1 <= num_classes:
+        raise ConfigError(f"class range [{c0}, {c1}) is not within [0, {num_classes})")
+    acc = {b: torch.zeros(op.layout.block_size(b), c1 - c0, dtype=torch.float64, device=op.device)
            for b in op.layout.block_names}
     counts = np.zeros(num_classes, np.int64)
     for batch in batches:
-        x, y = batch[0].to(op.device), batch[1]
-        y = torch.as_tensor(y).long()
+        x, y = batch[0], torch.as_tensor(batch[1]).long()
         if (y < 0).any() or (y >= num_classes).any():
             bad = int(y[(y < 0) | (y >= num_classes)][0])
             raise DataError(f"label {bad} outside [0, {num_classes}) in ID-train data"
                             f"{' ' + where if where else ''}")
-        Y = torch.nn.functional.one_hot(y, num_classes).to(op.device, torch.float32)
+        mine = (y >= c0) & (y < c1)
+        if not bool(mine.any()):
+            continue
+        if not bool(mine.all()):
+            x, y = x[mine.to(x.device)], y[mine]
+        x = x.to(op.device)
+        Y = torch.nn.functional.one_hot(y - c0, c1 - c0).to(op.device, torch.float32)
         if timer is not None:
             with timer("products", device):
                 S = op.gtu(x, Y)
@@ -104,6 +127,25 @@ def write_ag_partial(path, layout: ParamLayout, sums: dict, counts: np.ndarray, 
 EPS32 = float(np.finfo(np.float32).eps)
 
 
+def class_block(opened, block: str, num_classes: int) -> np.ndarray:
+    """The P_b×C class sums of one block from partials that each hold the columns of
+    their class range (attr ``classes``, default all), added where ranges repeat (data
+    parts of the same classes)."""
+    total = None
+    for p, g, attrs in opened:
+        if block not in attrs["blocks"]:
+            continue
+        arr = read_block(g, "S", block, p)
+        c0, c1 = attrs.get("classes") or (0, num_classes)
+        if arr.shape[1] != c1 - c0:
+            raise StoreError(f"{p}: block '{block}' has {arr.shape[1]} class columns, its range "
+                             f"[{c0}, {c1}) needs {c1 - c0}")
+        if total is None:
+            total = np.zeros((arr.shape[0], num_classes), np.float64)
+        total[:, c0:c1] += arr
+    return total
+
+
 def rank_tolerance(n: int, stats=None, mean_rms: float = 0.0) -> float:
     """τ = ε₃₂ · √N · ρ, the float32 noise floor of a class mean (module docstring):
     ρ² = E‖s ⊙ g‖² = tr(C)/N + ‖s ⊙ m‖² from the statistics, or without them its lower
@@ -120,6 +162,16 @@ def rank_tolerance(n: int, stats=None, mean_rms: float = 0.0) -> float:
 def reduce_ag(partial_paths, layout: ParamLayout, out_path, orthonormalize: bool = True,
               stats=None, attrs: dict | None = None) -> dict:
     opened, n = open_partials(partial_paths, layout, kind=AG_PARTIAL_KIND)
+    C_all = len(opened[0][2]["counts"])
+    ranges = sorted({tuple(a.get("classes") or (0, C_all)) for _, _, a in opened})
+    edge = 0
+    for c0, c1 in ranges:
+        if c0 != edge:
+            raise StoreError(f"AG partials: class ranges {ranges} do not tile [0, {C_all}) "
+                             f"(gap or overlap at class {min(c0, edge)})")
+        edge = c1
+    if edge != C_all:
+        raise StoreError(f"AG partials: class ranges {ranges} end at {edge}, not at {C_all}")
     if stats is not None and n != stats.count:
         raise StoreError(f"AG partials cover {n} samples, the statistics {stats.count}")
     counts = np.zeros(len(opened[0][2]["counts"]), np.int64)
@@ -133,7 +185,7 @@ def reduce_ag(partial_paths, layout: ParamLayout, out_path, orthonormalize: bool
         raise DataError(f"AG subspace: class(es) {empty.tolist()} have no ID-train samples")
 
     def means(b):
-        return summed_block(opened, b, key="S") / counts[None, :]
+        return class_block(opened, b, C) / counts[None, :]
 
     C = counts.size
     centred = bool(stats is not None and stats.options.get("mean", True))
@@ -143,14 +195,18 @@ def reduce_ag(partial_paths, layout: ParamLayout, out_path, orthonormalize: bool
         N = float(w.sum())
         acc = {"resid": 0.0, "mean_sq": np.zeros(C)}
 
-        def constrained(b):  # tsqr loads each block once
+        counted: set = set()
+
+        def constrained(b):  # loaded again by tsqr's get(b): count each block once
             mb = means(b)
             e = mb @ w                                   # block of Σ_c n_c μ_c
-            acc["resid"] += float(e @ e)
-            acc["mean_sq"] += np.sum(mb * mb, axis=0)
+            if b not in counted:
+                counted.add(b)
+                acc["resid"] += float(e @ e)
+                acc["mean_sq"] += np.sum(mb * mb, axis=0)
             return mb - np.outer(e, w) / (w @ w) if centred else mb
 
-        get, R = tsqr(layout.block_names, constrained)
+        get, R = tsqr(layout.block_names, constrained, recompute=True)  # one block in memory
         r = np.abs(np.diag(R))
         residual = np.sqrt(acc["resid"]) / N  # ‖Σ_c n_c μ_c‖ / N: 0 in exact arithmetic when centred
         tol = rank_tolerance(n, stats, float(np.sqrt(np.sum(w / N * acc["mean_sq"]))))

@@ -19,8 +19,6 @@ process without files.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,12 +40,16 @@ LIFT_KIND = "pca_lift"
 
 # -- orthonormalization -------------------------------------------------------------------
 
-def tsqr(blocks: Sequence[str], load: Callable[[str], np.ndarray], scratch: Path | None = None):
+def tsqr(blocks: Sequence[str], load: Callable[[str], np.ndarray], scratch: Path | None = None,
+         recompute: bool = False):
     """Blockwise tall-skinny QR of the row-stacked matrix W = [W_b] (float64).
 
     Returns (get, R): ``get(b)`` gives the rows of Q for block b; Q has orthonormal
-    columns, W = Q R, diag(R) ≥ 0. Block Q factors are parked in ``scratch`` (.npy memmaps)
-    when given, so only one block is in memory at a time."""
+    columns, W = Q R, diag(R) ≥ 0. The block Q factors are kept in memory (default), parked
+    in ``scratch`` (.npy files), or with ``recompute`` not kept at all: ``get(b)`` loads
+    W_b again and repeats its QR (deterministic), so only one block is in memory at a time
+    and nothing is written (the reduces at ImageNet scale: a parked Q would be 2 x |V| of
+    scratch disk; the extra QR costs 2 P_b K'^2 flops, small next to reading W_b)."""
     parked: dict[str, object] = {}
     Rs = []
     for i, b in enumerate(blocks):
@@ -55,12 +57,15 @@ def tsqr(blocks: Sequence[str], load: Callable[[str], np.ndarray], scratch: Path
         if not np.isfinite(W).all():
             raise NumericalError(f"non-finite values in the product C·V for parameter block '{b}'")
         Q, R = np.linalg.qr(W, mode="reduced")
-        if scratch is not None:
+        if recompute:
+            parked[b] = None
+        elif scratch is not None:
             f = Path(scratch) / f"q{i:05d}.npy"
             np.save(f, Q)
             parked[b] = f
         else:
             parked[b] = Q
+        del W
         Rs.append(R)
     stacked = np.vstack(Rs)
     if stacked.shape[0] < stacked.shape[1]:
@@ -76,7 +81,9 @@ def tsqr(blocks: Sequence[str], load: Callable[[str], np.ndarray], scratch: Path
 
     def get(b):
         Q = parked[b]
-        if not isinstance(Q, np.ndarray):
+        if Q is None:
+            Q = np.linalg.qr(np.asarray(load(b), dtype=np.float64), mode="reduced")[0]
+        elif not isinstance(Q, np.ndarray):
             Q = np.load(Q, mmap_mode="r")
         a, z = pos[b]
         return np.asarray(Q) @ Q2[a:z]
@@ -120,15 +127,10 @@ def init_basis(path, layout: ParamLayout, k: int, oversample: int, seed: int, at
     if K > layout.num_params:
         raise ConfigError(f"subspace.k + oversample = {K} exceeds the {layout.num_params} "
                           "selected parameters")
-    scratch = Path(tempfile.mkdtemp(prefix=".pca-init-", dir=Path(path).parent if Path(path).parent.exists()
-                                    else None))
-    try:
-        get, _ = tsqr(layout.block_names, lambda b: random_blocks(layout, K, seed, b), scratch)
-        write_basis(path, layout, get, {"kind": BASIS_KIND, "iteration": 0, "k": int(k),
-                                        "oversample": int(oversample), "columns": K, "seed": int(seed),
-                                        **dict(attrs or {})})
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    get, _ = tsqr(layout.block_names, lambda b: random_blocks(layout, K, seed, b), recompute=True)
+    write_basis(path, layout, get, {"kind": BASIS_KIND, "iteration": 0, "k": int(k),
+                                    "oversample": int(oversample), "columns": K, "seed": int(seed),
+                                    **dict(attrs or {})})
 
 
 # -- partial products ---------------------------------------------------------------------
@@ -429,14 +431,12 @@ def reduce_pass(part_paths, out_basis, out_krylov, stats=None, krylov_paths=(), 
     if len(krylov_paths) != t:
         raise StoreError(f"pass {t} needs the Krylov records of passes 0..{t - 1}, got {len(krylov_paths)}")
     Ys, Rs = read_krylov(krylov_paths, rows, K)
-    scratch = Path(tempfile.mkdtemp(prefix=".pca-reduce-", dir=scratch_dir))
-    try:
-        get, R = tsqr(layout.block_names, lambda b: summed_block(opened, b), scratch)
-        write_basis(out_basis, layout, get,
-                    {**{key: attrs0[key] for key in ("k", "oversample", "columns", "seed") if key in attrs0},
-                     "kind": BASIS_KIND, "iteration": t + 1})
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+    # one block in memory at a time and no scratch files: get(b) sums and factors the
+    # block's partials again (disk in use stays the partials + V_t + V_{t+1})
+    get, R = tsqr(layout.block_names, lambda b: summed_block(opened, b), recompute=True)
+    write_basis(out_basis, layout, get,
+                {**{key: attrs0[key] for key in ("k", "oversample", "columns", "seed") if key in attrs0},
+                 "kind": BASIS_KIND, "iteration": t + 1})
     Ys.append(Y)
     Rs.append(R)
     total = stats.total_variance if stats is not None else None
@@ -486,8 +486,12 @@ def finalize_pca(lift_paths, krylov_path, out_path, stats=None, tol=None, conver
     if n != int(kattrs["n"]) or (stats is not None and n != stats.count):
         raise StoreError(f"lift parts cover {n} samples, the Krylov record {kattrs['n']}")
     k = int(kattrs["k"])
-    blocks = {b: summed_block(opened, b, key="V") for b in layout.block_names}
-    gram = sum(v.T @ v for v in blocks.values())
+    # one block in memory at a time: the Gram matrix first, the blocks again when written
+    gram = np.zeros((k, k))
+    for b in layout.block_names:
+        v = summed_block(opened, b, key="V")
+        gram += v.T @ v
+        del v
     orth_err = float(np.abs(gram - np.eye(k)).max())
     res = np.asarray(kattrs["residuals"], np.float64)
     ev = np.asarray(kattrs["eigenvalues"], np.float64)
@@ -502,7 +506,7 @@ def finalize_pca(lift_paths, krylov_path, out_path, stats=None, tol=None, conver
             "total_variance": total,
             "explained_variance_ratio": (ev / total).tolist() if total else None,
             "convergence": list(convergence or []), **dict(attrs or {})}
-    write_basis(out_path, layout, lambda b: blocks[b], info)
+    write_basis(out_path, layout, lambda b: summed_block(opened, b, key="V"), info)
     return info
 
 
