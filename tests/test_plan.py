@@ -78,10 +78,15 @@ def test_plan_json_and_budgets(tmp_path):
     assert proc.returncode == 2
     assert "--max-disk" in proc.stderr and "stage " in proc.stderr and "change " in proc.stderr
     # GPU memory: the tiny jobs fit an H100; a 100 MB budget does not
-    assert gradspace("plan", "--configfile", "config.yaml", "--device", "h100",
-                     "--max-gpu-mem", "80G", cwd=tmp_path).returncode == 0
-    proc = gradspace("plan", "--configfile", "config.yaml", "--device", "h100", "--max-gpu-mem", "100M",
-                     cwd=tmp_path)
+    assert (
+        gradspace(
+            "plan", "--configfile", "config.yaml", "--device", "h100", "--max-gpu-mem", "80G", cwd=tmp_path
+        ).returncode
+        == 0
+    )
+    proc = gradspace(
+        "plan", "--configfile", "config.yaml", "--device", "h100", "--max-gpu-mem", "100M", cwd=tmp_path
+    )
     assert proc.returncode == 2 and "stage " in proc.stderr and "chunk_size" in proc.stderr
 
 
@@ -108,9 +113,11 @@ def test_imagenet_preset_subspace_disk_within_a_constant_of_its_results(tmp_path
 
 
 def test_log_parser():
-    log = ("rule extract:\n    input: a\n    output: results/x/e/shard-0.zarr\n    jobid: 3\n"
-           "    benchmark: results/x/benchmarks/extract/shard-0.tsv\n\n"
-           "checkpoint pca_diagnostics:\n    output: d/pass-000.json\n\nlocalrule all:\n    input: q\n")
+    log = (
+        "rule extract:\n    input: a\n    output: results/x/e/shard-0.zarr\n    jobid: 3\n"
+        "    benchmark: results/x/benchmarks/extract/shard-0.tsv\n\n"
+        "checkpoint pca_diagnostics:\n    output: d/pass-000.json\n\nlocalrule all:\n    input: q\n"
+    )
     jobs = parse_snakemake_log(log)
     assert [j["rule"] for j in jobs] == ["extract", "pca_diagnostics"]
     assert jobs[0]["benchmark"].endswith("shard-0.tsv") and jobs[1]["output"] == ["d/pass-000.json"]

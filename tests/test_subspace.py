@@ -522,7 +522,8 @@ def test_ag_class_partitioned_jobs_equal_one_job(tmp_path):
     M1 = full_basis(g1, layout, "means")
     np.testing.assert_allclose(full_basis(g2, layout, "means"), M1, rtol=1e-4, atol=1e-5 * np.abs(M1).max())
     with pytest.raises(StoreError, match="do not tile"):
-        ag.reduce_ag([p for p in paths if not p.name.startswith("c0")], layout, tmp_path / "bad.zarr", True, st)
+        ag.reduce_ag([p for p in paths if not p.name.startswith("c0")], layout, tmp_path / "bad.zarr",
+                     True, st)
 
 
 # -- projection -----------------------------------------------------------------------------

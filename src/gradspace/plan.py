@@ -54,14 +54,30 @@ SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 # no sparsity; H100/H200 SXM). "cpu" is this project's CI/dev machine: its peak is the
 # fp32 GEMM throughput measured by torch.mm (benchmarks/rehearsal.py prints it).
 DEVICES = {
-    "cpu": {"label": "CPU, 2 cores (dev/CI machine)", "memory": 24e9,
-            "peak": {"fp32": 9.0e10, "tf32": 9.0e10, "bf16": 9.0e10}, "gpu": False},
-    "a100": {"label": "NVIDIA A100 80GB SXM", "memory": 80e9,
-             "peak": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12}, "gpu": True},
-    "h100": {"label": "NVIDIA H100 SXM", "memory": 80e9,
-             "peak": {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12}, "gpu": True},
-    "h200": {"label": "NVIDIA H200 SXM", "memory": 141e9,
-             "peak": {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12}, "gpu": True},
+    "cpu": {
+        "label": "CPU, 2 cores (dev/CI machine)",
+        "memory": 24e9,
+        "peak": {"fp32": 9.0e10, "tf32": 9.0e10, "bf16": 9.0e10},
+        "gpu": False,
+    },
+    "a100": {
+        "label": "NVIDIA A100 80GB SXM",
+        "memory": 80e9,
+        "peak": {"fp32": 19.5e12, "tf32": 156e12, "bf16": 312e12},
+        "gpu": True,
+    },
+    "h100": {
+        "label": "NVIDIA H100 SXM",
+        "memory": 80e9,
+        "peak": {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12},
+        "gpu": True,
+    },
+    "h200": {
+        "label": "NVIDIA H200 SXM",
+        "memory": 141e9,
+        "peak": {"fp32": 67e12, "tf32": 495e12, "bf16": 989e12},
+        "gpu": True,
+    },
 }
 
 # Measured constants (see benchmarks/README.md, "ResNet-50 rehearsal"):
@@ -77,6 +93,10 @@ CALIBRATION = {
     "workspace_factor": 2.0,
     # seconds from job start to work: interpreter, imports, model load (demo benchmarks)
     "job_start_seconds": {"torch": 4.0, "numpy": 1.0},
+    # host-side work of the reduces (float64 QR, numpy) and store throughput (Zarr v3 with
+    # zstd and crc32c, float32 data: 127 MB/s written, 94 MB/s read on this machine)
+    "host_linalg_flops": 2.0e9,
+    "io_bytes_per_s": 1.0e8,
 }
 
 # Sizes of public datasets the presets name, for plans made before the data is on disk.
@@ -87,10 +107,15 @@ KNOWN_SIZES = {
     ("imagefolder", "sun", None): 10_000,
     ("imagefolder", "places", None): 10_000,
     ("imagefolder", "textures", None): 5_640,
-    ("cifar10", None, "train"): 50_000, ("cifar10", None, "test"): 10_000,
-    ("cifar100", None, "train"): 50_000, ("cifar100", None, "test"): 10_000,
-    ("svhn", None, "train"): 73_257, ("svhn", None, "test"): 26_032, ("svhn", None, "extra"): 531_131,
-    ("fashion_mnist", None, "train"): 60_000, ("fashion_mnist", None, "test"): 10_000,
+    ("cifar10", None, "train"): 50_000,
+    ("cifar10", None, "test"): 10_000,
+    ("cifar100", None, "train"): 50_000,
+    ("cifar100", None, "test"): 10_000,
+    ("svhn", None, "train"): 73_257,
+    ("svhn", None, "test"): 26_032,
+    ("svhn", None, "extra"): 531_131,
+    ("fashion_mnist", None, "train"): 60_000,
+    ("fashion_mnist", None, "test"): 10_000,
     ("sklearn_digits", None, None): 1_797,
     ("opencv_digits", None, None): 5_000,
     ("mnist_demo", None, None): 5_000,
@@ -98,9 +123,23 @@ KNOWN_SIZES = {
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 
 # Stages whose jobs never import torch (they start faster and smaller).
-NUMPY_STAGES = {"score_detector", "evaluate", "timing_tables", "report", "gradstats_reduce",
-                "ag_reduce", "pca_init", "pca_reduce", "pca_diagnostics", "pca_settings", "pca_finalize",
-                "project_merge", "score_grad_detector", "ensemble", "subspace_diagnostics"}
+NUMPY_STAGES = {
+    "score_detector",
+    "evaluate",
+    "timing_tables",
+    "report",
+    "gradstats_reduce",
+    "ag_reduce",
+    "pca_init",
+    "pca_reduce",
+    "pca_diagnostics",
+    "pca_settings",
+    "pca_finalize",
+    "project_merge",
+    "score_grad_detector",
+    "ensemble",
+    "subspace_diagnostics",
+}
 
 # Which key to change when a stage is over a budget.
 DISK_KEYS = {
@@ -110,7 +149,7 @@ DISK_KEYS = {
 }
 GPU_KEYS = {
     "persample": "subspace.chunk_size / gradients.chunk_size (smaller gradient chunks) or "
-                 "subspace.block_jobs (a smaller block group per job)",
+    "subspace.block_jobs (a smaller block group per job)",
     "forward": "compute.batch_size",
 }
 
@@ -122,6 +161,7 @@ class Stage:
     jobs: int = 0
     bytes_written: float = 0.0
     kept_bytes: float = 0.0
+    io_bytes: float = 0.0
     peak_job_gpu_bytes: float = 0.0
     peak_job_host_bytes: float = 0.0
     flops: float = 0.0
@@ -131,8 +171,15 @@ class Stage:
     key: str = ""
     note: str = ""
 
-    def add_job(self, written: float, host: float, gpu: float = 0.0, flops: float = 0.0,
-                kept: float | None = None) -> None:
+    def add_job(
+        self,
+        written: float,
+        host: float,
+        gpu: float = 0.0,
+        flops: float = 0.0,
+        kept: float | None = None,
+        read: float = 0.0,
+    ) -> None:
         """One job: bytes it writes (``kept`` of them stay after the run; default all of
         them for a kept stage, none for a temporary one), its peak memory and FLOPs."""
         self.jobs += 1
@@ -141,6 +188,7 @@ class Stage:
         self.peak_job_host_bytes = max(self.peak_job_host_bytes, host)
         self.peak_job_gpu_bytes = max(self.peak_job_gpu_bytes, gpu)
         self.flops += flops
+        self.io_bytes += read + written
 
 
 @dataclass
@@ -277,8 +325,11 @@ def dataset_sizes(cfg: dict, results: Path | None = None, given: Mapping | None 
                 if src.get("n") and total is not None:
                     total = min(total, int(src["n"]))
                 tf = float(idc["test_fraction"])
-                n = None if total is None else (total - round(total * tf) if ds == "id_train"
-                                                 else round(total * tf))
+                n = (
+                    None
+                    if total is None
+                    else (total - round(total * tf) if ds == "id_train" else round(total * tf))
+                )
             if ds == "id_train" and n is not None and idc.get("train_subsample"):
                 n = min(n, int(idc["train_subsample"]))
         else:
@@ -287,9 +338,11 @@ def dataset_sizes(cfg: dict, results: Path | None = None, given: Mapping | None 
             if n is not None and src.get("n"):
                 n = min(n, int(src["n"]))
         if n is None:
-            raise ConfigError(f"cannot tell how many samples dataset '{ds}' has before it is prepared "
-                              f"(source kind {cfg['data']['ood'][ds]['kind'] if ds in cfg['data']['ood'] else ''}"
-                              f"); give it with --sizes {ds}=N")
+            raise ConfigError(
+                f"cannot tell how many samples dataset '{ds}' has before it is prepared "
+                f"(source kind {cfg['data']['ood'][ds]['kind'] if ds in cfg['data']['ood'] else ''}"
+                f"); give it with --sizes {ds}=N"
+            )
         out[ds] = int(n)
     return out
 
@@ -338,11 +391,16 @@ def model_facts(cfg: dict) -> ModelFacts:
     grad_sel = resolve_params(model, cfg["gradients"]["params"])
     return ModelFacts(
         num_params=sum(p.numel() for p in model.parameters()),
-        feature_dim=int(model.feature_dim), num_classes=int(model.num_classes),
-        forward_flops=float(fc.get_total_flops()), saved_bytes=float(saved[0]),
-        peak_activation_bytes=float(peak[0]), input_bytes=float(x.numel() * 4),
-        block_sizes=blocks, group_sizes={g: sum(blocks[b] for b in bs) for g, bs in groups.items()},
-        grad_params=int(sum(p.numel() for p in grad_sel.values())))
+        feature_dim=int(model.feature_dim),
+        num_classes=int(model.num_classes),
+        forward_flops=float(fc.get_total_flops()),
+        saved_bytes=float(saved[0]),
+        peak_activation_bytes=float(peak[0]),
+        input_bytes=float(x.numel() * 4),
+        block_sizes=blocks,
+        group_sizes={g: sum(blocks[b] for b in bs) for g, bs in groups.items()},
+        grad_params=int(sum(p.numel() for p in grad_sel.values())),
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -367,8 +425,15 @@ def _shard_rows(n: int, shards: int) -> list[int]:
 class Planner:
     """Builds the per-stage table for one config on one device."""
 
-    def __init__(self, cfg: dict, sizes: Mapping[str, int], facts: ModelFacts, device: str = "cpu",
-                 gpus: int = 1, calibration: Mapping | None = None):
+    def __init__(
+        self,
+        cfg: dict,
+        sizes: Mapping[str, int],
+        facts: ModelFacts,
+        device: str = "cpu",
+        gpus: int = 1,
+        calibration: Mapping | None = None,
+    ):
         if device not in DEVICES:
             raise ConfigError(f"unknown device {device!r}; known: {', '.join(DEVICES)}")
         self.cfg, self.sizes, self.f = cfg, dict(sizes), facts
@@ -387,8 +452,9 @@ class Planner:
     # ---- helpers
     def stage(self, name: str, gpu: bool = False, kept: bool = True, key: str = "") -> Stage:
         if name not in self.stages:
-            self.stages[name] = Stage(name, torch=name not in NUMPY_STAGES, gpu=gpu and self.dev["gpu"],
-                                      kept=kept, key=key)
+            self.stages[name] = Stage(
+                name, torch=name not in NUMPY_STAGES, gpu=gpu and self.dev["gpu"], kept=kept, key=key
+            )
         return self.stages[name]
 
     def _chunk(self, p: int, size: int) -> int:
@@ -436,9 +502,14 @@ class Planner:
             written = sz[ds] * (110 + (0 if files else img))
             st.add_job(written, self.cal["host_base_numpy"] + (0 if files else 2.0 * sz[ds] * img))
         mst = self.stage("train" if cfg["model"]["source"] == "train" else "load_model")
-        mst.add_job(4.0 * f.num_params, *self._mem(self._forward_work(batch)),
-                    flops=3 * F * sz["id_train"] * (cfg["model"]["train"]["epochs"]
-                                                    if cfg["model"]["source"] == "train" else 0))
+        mst.add_job(
+            4.0 * f.num_params,
+            *self._mem(self._forward_work(batch)),
+            flops=3
+            * F
+            * sz["id_train"]
+            * (cfg["model"]["train"]["epochs"] if cfg["model"]["source"] == "train" else 0),
+        )
         self.stage("model_card").add_job(1.3e3, self.cal["host_base_torch"] * 0.75)
 
         # extraction and feature detectors
@@ -446,7 +517,8 @@ class Planner:
         for ds in datasets:
             for rows in _shard_rows(sz[ds], n_shards(cfg, ds)):
                 self.stage("extract", gpu=True, key="forward").add_job(
-                    rows * row_emb, *self._mem(self._forward_work(batch)), flops=F * rows)
+                    rows * row_emb, *self._mem(self._forward_work(batch)), flops=F * rows
+                )
         dets = self._detectors(cfg["detectors"])
         grad_keys = {n for n, d in dets.items() if d["method"] == "stored_grad_score"}
         if grad_keys:
@@ -455,25 +527,34 @@ class Planner:
                 for rows in _shard_rows(sz[ds], n_shards(cfg, ds)):
                     p = f.grad_params
                     self.stage("grad_scores", gpu=True, key="persample").add_job(
-                        rows * (8 * n_scores + 16), *self._mem(self._persample_work(p, cfg["gradients"]["chunk_size"])),
-                        flops=rows * (3 * F + 4 * p))
+                        rows * (8 * n_scores + 16),
+                        *self._mem(self._persample_work(p, cfg["gradients"]["chunk_size"])),
+                        flops=rows * (3 * F + 4 * p),
+                    )
         n_train = sz["id_train"]
-        for name, d in dets.items():
+        for _name, d in dets.items():
             self.stage("fit_detector").add_job(*self._fit_bytes(d["method"], n_train, D, C, d["hparams"]))
             for ds in scored:
                 if d["needs_model"]:
                     self.stage("score_model_detector", gpu=True, key="forward").add_job(
-                        8 * sz[ds] + 128, *self._mem(self._forward_work(batch) * 2), flops=4 * F * sz[ds])
+                        8 * sz[ds] + 128, *self._mem(self._forward_work(batch) * 2), flops=4 * F * sz[ds]
+                    )
                 else:
                     self.stage("score_detector").add_job(
-                        8 * sz[ds] + 128, self.cal["host_base_numpy"] + self._score_host(d["method"], sz[ds], n_train, D))
+                        8 * sz[ds] + 128,
+                        self.cal["host_base_numpy"] + self._score_host(d["method"], sz[ds], n_train, D),
+                    )
 
         spaces = list(cfg["subspace"]["types"]) if cfg["subspace"]["enabled"] else []
         if spaces:
             self._subspace(spaces, datasets, scored)
-        n_files = len(scored) * (len(dets) + (len(self._detectors(cfg["subspace"]["detectors"])) * 2 * len(spaces)
-                                               if spaces else 0))
-        self.stage("evaluate").add_job(150.0 * n_files + 5e3, self.cal["host_base_numpy"] + 16.0 * sum(sz.values()))
+        n_files = len(scored) * (
+            len(dets)
+            + (len(self._detectors(cfg["subspace"]["detectors"])) * 2 * len(spaces) if spaces else 0)
+        )
+        self.stage("evaluate").add_job(
+            150.0 * n_files + 5e3, self.cal["host_base_numpy"] + 16.0 * sum(sz.values())
+        )
         if spaces:
             self.stage("timing_tables").add_job(2e3, self.cal["host_base_numpy"])
         self.stage("report").add_job(5e5 + 1.3e4 * n_files, 2e8)
@@ -532,7 +613,10 @@ class Planner:
 
         for n in part_rows:
             self.stage("gradstats_partial", gpu=True, key="persample").add_job(
-                2 * 8.0 * P + 1e3, *self._mem(self._persample_work(P, size, stats_extra)), flops=n * (3 * F + 4 * P))
+                2 * 8.0 * P + 1e3,
+                *self._mem(self._persample_work(P, size, stats_extra)),
+                flops=n * (3 * F + 4 * P),
+            )
         self.stage("gradstats_reduce").add_job(2 * 8.0 * P, self.cal["host_base_numpy"] + 4 * 8.0 * P)
         n_train = sz["id_train"]
 
@@ -544,79 +628,122 @@ class Planner:
                 cj = (j + 1) * C // jobs - j * C // jobs
                 for n in part_rows:
                     self.stage("ag_partial", gpu=True, kept=False, key="persample").add_job(
-                        4.0 * P * cj, *self._mem(self._persample_work(P, size, 8.0 * P * cj + 4.0 * P * cj)),
-                        flops=n * cj / C * (3 * F + 4 * P))
+                        4.0 * P * cj,
+                        *self._mem(self._persample_work(P, size, 8.0 * P * cj + 4.0 * P * cj)),
+                        flops=n * cj / C * (3 * F + 4 * P),
+                    )
             self.transient["ag_partial"] = 4.0 * P * C * len(parts)
-            self.stage("ag_reduce").add_job(4.0 * P * (2 * C - 1), self.cal["host_base_numpy"]
-                                            + 3 * 8.0 * max(f.block_sizes.values()) * C)
+            self.stage("ag_reduce").add_job(
+                4.0 * P * (2 * C - 1),
+                self.cal["host_base_numpy"] + 3 * 8.0 * max(f.block_sizes.values()) * C,
+                read=3 * 4.0 * P * C * len(parts),
+                flops=2 * 2.0 * P * C * C,
+            )
 
         reduced_k = {}
         if "pca" in spaces:
             V = 4.0 * P * K
             # V-init is released by the reduce of pass 0
             Pb = max(f.block_sizes.values())  # the reduces hold one parameter block at a time
-            self.stage("pca_init", kept=False).add_job(V, self.cal["host_base_numpy"] + 3 * 8.0 * Pb * K)
+            self.stage("pca_init", kept=False).add_job(
+                V, self.cal["host_base_numpy"] + 3 * 8.0 * Pb * K, flops=2 * 2.0 * P * K * K
+            )
             T = _pca_passes(sub)
             for t in range(T):
-                for w, n in enumerate(part_rows):
+                for _w, n in enumerate(part_rows):
                     images = n * (8.0 * K + 8)
                     if not split:
                         self.stage("pca_pass", gpu=True, kept=False, key="persample").add_job(
-                            V + images, *self._mem(self._persample_work(P, size, 4.0 * P * K + 8.0 * P * K),
-                                                   host_extra=8.0 * P * K if self.dev["gpu"] else 0),
-                            flops=n * (3 * F + 4 * P * K + 2 * P))
+                            V + images,
+                            *self._mem(
+                                self._persample_work(P, size, 4.0 * P * K + 8.0 * P * K),
+                                host_extra=8.0 * P * K if self.dev["gpu"] else 0,
+                            ),
+                            flops=n * (3 * F + 4 * P * K + 2 * P),
+                        )
                         continue
                     for _g, pg in groups.items():
                         self.stage("pca_gv", gpu=True, kept=False, key="persample").add_job(
-                            images, *self._mem(self._persample_work(pg, size, 4.0 * pg * K)),
-                            flops=n * (3 * F + 2 * pg * K))
+                            images,
+                            *self._mem(self._persample_work(pg, size, 4.0 * pg * K)),
+                            flops=n * (3 * F + 2 * pg * K),
+                        )
                     for _g, pg in groups.items():
                         self.stage("pca_pass_block", gpu=True, kept=False, key="persample").add_job(
-                            4.0 * pg * K + images, *self._mem(self._persample_work(pg, size, 8.0 * pg * K)),
-                            flops=n * (3 * F + 2 * pg * K))
+                            4.0 * pg * K + images,
+                            *self._mem(self._persample_work(pg, size, 8.0 * pg * K)),
+                            flops=n * (3 * F + 2 * pg * K),
+                        )
                 krylov = n_train * (8.0 * K + 8) + 8.0 * K * K + (8.0 * n_train * k if t >= 1 else 0)
                 # V_{t+1} is released by the next reduce; the basis after the last pass stays
-                self.stage("pca_reduce").add_job(V + krylov, self.cal["host_base_numpy"] + 3 * 8.0 * Pb * K
-                                                 + 8.0 * n_train * K * (t + 1),
-                                                 kept=krylov + (V if t == T - 1 else 0.0))
+                q = t + 1  # Krylov blocks in the Rayleigh-Ritz
+                self.stage("pca_reduce").add_job(
+                    V + krylov,
+                    self.cal["host_base_numpy"] + 3 * 8.0 * Pb * K + 8.0 * n_train * K * (q + 1),
+                    kept=krylov + (V if t == T - 1 else 0.0),
+                    read=2
+                    * (
+                        len(parts) * (V if not split else V)
+                        + n_train * 8.0 * K * (len(groups) if split else 1)
+                    ),
+                    flops=2 * 2.0 * P * K * K + 4.0 * n_train * (q * K) ** 2,
+                )
                 self.stage("pca_diagnostics").add_job(3e3, self.cal["host_base_numpy"])
             self.stage("pca_settings").add_job(200.0, self.cal["host_base_numpy"])
             lift_groups = groups if split else {"all": P}
             for _g, pg in lift_groups.items():
                 for n in part_rows:
                     self.stage("pca_lift", gpu=True, kept=False, key="persample").add_job(
-                        4.0 * pg * k, *self._mem(self._persample_work(pg, size, 4.0 * pg * k + 8.0 * pg * k)),
-                        flops=n * (3 * F + 2 * pg * k))
-            self.stage("pca_finalize").add_job(4.0 * P * k, self.cal["host_base_numpy"] + 3 * 8.0 * Pb * k)
+                        4.0 * pg * k,
+                        *self._mem(self._persample_work(pg, size, 4.0 * pg * k + 8.0 * pg * k)),
+                        flops=n * (3 * F + 2 * pg * k),
+                    )
+            self.stage("pca_finalize").add_job(
+                4.0 * P * k,
+                self.cal["host_base_numpy"] + 3 * 8.0 * Pb * k,
+                read=2 * 4.0 * P * k * len(parts),
+                flops=2.0 * P * k * k,
+            )
             # transient: one pass's partials, the basis it read and the one the reduce writes
-            parts_bytes = len(parts) * ((len(groups) if split else 1) * V / max(1, len(groups) if split else 1)
-                                        + (len(groups) if split else 1) * n_train * 8.0 * K)
+            parts_bytes = len(parts) * (
+                (len(groups) if split else 1) * V / max(1, len(groups) if split else 1)
+                + (len(groups) if split else 1) * n_train * 8.0 * K
+            )
             self.transient["pca"] = parts_bytes + 2 * V
             reduced_k["pca"] = k
         if "ag" in spaces:
             reduced_k["ag"] = C - 1
 
         row = lambda kk: 4.0 * kk + 24  # noqa: E731  reduced float32 + labels, index, gnorm2
-        for space, kk in reduced_k.items():
+        for _space, kk in reduced_k.items():
             for ds in datasets:
                 for rows in _shard_rows(sz[ds], n_shards(cfg, ds)):
                     if not split:
                         self.stage("project", gpu=True, key="persample").add_job(
-                            rows * row(kk), *self._mem(self._persample_work(P, size, 4.0 * P * kk)),
-                            flops=rows * (3 * F + 2 * P * kk))
+                            rows * row(kk),
+                            *self._mem(self._persample_work(P, size, 4.0 * P * kk)),
+                            flops=rows * (3 * F + 2 * P * kk),
+                        )
                         continue
                     for _g, pg in groups.items():
                         self.stage("project_block", gpu=True, kept=False, key="persample").add_job(
-                            rows * row(kk), *self._mem(self._persample_work(pg, size, 4.0 * pg * kk)),
-                            flops=rows * (3 * F + 2 * pg * kk))
-                    self.stage("project_merge").add_job(rows * row(kk), self.cal["host_base_numpy"]
-                                                        + 2 * rows * row(kk) * len(groups))
+                            rows * row(kk),
+                            *self._mem(self._persample_work(pg, size, 4.0 * pg * kk)),
+                            flops=rows * (3 * F + 2 * pg * kk),
+                        )
+                    self.stage("project_merge").add_job(
+                        rows * row(kk), self.cal["host_base_numpy"] + 2 * rows * row(kk) * len(groups)
+                    )
             gdets = self._detectors(sub["detectors"])
-            for name, d in gdets.items():
-                self.stage("fit_grad_detector").add_job(*self._fit_bytes(d["method"], n_train, kk, C, d["hparams"]))
+            for d in gdets.values():
+                self.stage("fit_grad_detector").add_job(
+                    *self._fit_bytes(d["method"], n_train, kk, C, d["hparams"])
+                )
                 for ds in scored:
                     self.stage("score_grad_detector").add_job(
-                        8 * sz[ds] + 128, self.cal["host_base_numpy"] + self._score_host(d["method"], sz[ds], n_train, kk))
+                        8 * sz[ds] + 128,
+                        self.cal["host_base_numpy"] + self._score_host(d["method"], sz[ds], n_train, kk),
+                    )
             for name in sub["ensemble"]["detectors"]:
                 if name in gdets and name in self.cfg["detectors"]:
                     for ds in scored:
@@ -625,34 +752,56 @@ class Planner:
         nd = int(sub["diagnostics"]["n_samples"])
         ref = min(nd, n_train) * 4.0 * P
         self.stage("gradient_diagnostics", gpu=True, key="persample").add_job(
-            1.2e3, *self._mem(self._persample_work(P, size, min(ref, float(sub["diagnostics"]["max_gib"]) * GiB))),
-            flops=sum(min(nd, n) for n in sz.values()) * (3 * F + 2 * P))
+            1.2e3,
+            *self._mem(self._persample_work(P, size, min(ref, float(sub["diagnostics"]["max_gib"]) * GiB))),
+            flops=sum(min(nd, n) for n in sz.values()) * (3 * F + 2 * P),
+        )
 
     # ---- totals
     def summary(self) -> dict:
         kinds = {"forward": "forward", "persample": "persample"}
         start = self.cal["job_start_seconds"]
         for st in self.stages.values():
-            st.seconds = st.jobs * start["torch" if st.torch else "numpy"]
-            if st.flops:
-                st.seconds += self._seconds(st.flops, kinds.get(st.key, "forward"))
+            st.seconds = (
+                st.jobs * start["torch" if st.torch else "numpy"] + st.io_bytes / self.cal["io_bytes_per_s"]
+            )
+            if st.flops and st.key in kinds:  # model-running work on the device
+                st.seconds += self._seconds(st.flops, kinds[st.key])
+            elif st.flops:  # host-side linear algebra of the reduces
+                st.seconds += st.flops / self.cal["host_linalg_flops"]
         kept = sum(st.kept_bytes for st in self.stages.values())
         peak_disk = kept + sum(self.transient.values())
         gpu_seconds = sum(st.seconds for st in self.stages.values() if st.gpu)
         out = {
-            "device": self.device, "device_label": self.dev["label"], "gpus": self.gpus,
-            "precision": self.precision, "calibrated": self.calibrated,
+            "device": self.device,
+            "device_label": self.dev["label"],
+            "gpus": self.gpus,
+            "precision": self.precision,
+            "calibrated": self.calibrated,
             "sizes": dict(self.sizes),
-            "model": {"num_params": self.f.num_params, "subspace_params": sum(self.f.block_sizes.values()),
-                      "block_groups": self.f.group_sizes, "forward_flops": self.f.forward_flops},
-            "pca_passes": _pca_passes(self.cfg["subspace"]) + 1 if "pca" in self.cfg["subspace"]["types"] else 0,
-            "stages": {name: {"jobs": st.jobs, "bytes_written": int(st.bytes_written),
-                              "kept_bytes": int(st.kept_bytes),
-                              "peak_job_gpu_bytes": int(st.peak_job_gpu_bytes),
-                              "peak_job_host_bytes": int(st.peak_job_host_bytes),
-                              "flops": float(st.flops), "seconds": float(st.seconds),
-                              "gpu": st.gpu, "kept": st.kept}
-                       for name, st in self.stages.items()},
+            "model": {
+                "num_params": self.f.num_params,
+                "subspace_params": sum(self.f.block_sizes.values()),
+                "block_groups": self.f.group_sizes,
+                "forward_flops": self.f.forward_flops,
+            },
+            "pca_passes": _pca_passes(self.cfg["subspace"]) + 1
+            if "pca" in self.cfg["subspace"]["types"]
+            else 0,
+            "stages": {
+                name: {
+                    "jobs": st.jobs,
+                    "bytes_written": int(st.bytes_written),
+                    "kept_bytes": int(st.kept_bytes),
+                    "peak_job_gpu_bytes": int(st.peak_job_gpu_bytes),
+                    "peak_job_host_bytes": int(st.peak_job_host_bytes),
+                    "flops": float(st.flops),
+                    "seconds": float(st.seconds),
+                    "gpu": st.gpu,
+                    "kept": st.kept,
+                }
+                for name, st in self.stages.items()
+            },
             "bytes_written": int(sum(st.bytes_written for st in self.stages.values())),
             "peak_disk_bytes": int(peak_disk),
             "transient_bytes": {k: int(v) for k, v in self.transient.items()},
@@ -673,8 +822,14 @@ class Planner:
         return total
 
 
-def make_plan(cfg: dict, device: str = "cpu", gpus: int = 1, sizes: Mapping | None = None,
-              calibration: Mapping | None = None, results: Path | None = None) -> dict:
+def make_plan(
+    cfg: dict,
+    device: str = "cpu",
+    gpus: int = 1,
+    sizes: Mapping | None = None,
+    calibration: Mapping | None = None,
+    results: Path | None = None,
+) -> dict:
     results = results if results is not None else Path("results") / cfg["experiment"]
     sz = dataset_sizes(cfg, results, sizes)
     facts = model_facts(cfg)
@@ -687,18 +842,26 @@ def check_budget(plan: dict, max_disk: float | None = None, max_gpu_mem: float |
         worst = max(plan["stages"].items(), key=lambda kv: kv[1]["bytes_written"])[0]
         trans = max(plan["transient_bytes"].items(), key=lambda kv: kv[1], default=(None, 0))
         stage = trans[0] if trans[1] > plan["stages"][worst]["bytes_written"] else worst
-        key = DISK_KEYS.get("pca" if str(stage).startswith("pca") else "ag" if str(stage).startswith("ag")
-                            else "extract", "")
-        raise ConfigError(f"plan exceeds --max-disk: peak disk in use {fmt_bytes(plan['peak_disk_bytes'])} > "
-                          f"{fmt_bytes(max_disk)}; largest contributor: stage {stage}; change {key}")
+        key = DISK_KEYS.get(
+            "pca" if str(stage).startswith("pca") else "ag" if str(stage).startswith("ag") else "extract", ""
+        )
+        raise ConfigError(
+            f"plan exceeds --max-disk: peak disk in use {fmt_bytes(plan['peak_disk_bytes'])} > "
+            f"{fmt_bytes(max_disk)}; largest contributor: stage {stage}; change {key}"
+        )
     if max_gpu_mem is not None:
         for name, st in plan["stages"].items():
             mem = st["peak_job_gpu_bytes"] if plan["stages"][name]["gpu"] else 0
             if mem > max_gpu_mem:
-                key = GPU_KEYS["persample" if name not in ("extract", "score_model_detector", "train",
-                                                           "load_model") else "forward"]
-                raise ConfigError(f"plan exceeds --max-gpu-mem: stage {name} needs {fmt_bytes(mem)} per job "
-                                  f"> {fmt_bytes(max_gpu_mem)}; change {key}")
+                key = GPU_KEYS[
+                    "persample"
+                    if name not in ("extract", "score_model_detector", "train", "load_model")
+                    else "forward"
+                ]
+                raise ConfigError(
+                    f"plan exceeds --max-gpu-mem: stage {name} needs {fmt_bytes(mem)} per job "
+                    f"> {fmt_bytes(max_gpu_mem)}; change {key}"
+                )
 
 
 def fmt_bytes(n: float) -> str:
@@ -729,24 +892,36 @@ def fmt_seconds(s: float) -> str:
 
 
 def render(plan: dict) -> str:
-    lines = [f"gradspace plan on {plan['device_label']} x {plan['gpus']} ({plan['precision']})"
-             + ("" if plan["calibrated"] else "  [efficiency: CPU-measured stand-in; run benchmarks/gpu_check.sh]"),
-             "samples: " + ", ".join(f"{k}={v}" for k, v in plan["sizes"].items()),
-             f"model: {plan['model']['num_params']:,} parameters ({plan['model']['subspace_params']:,} in the "
-             f"subspace), {plan['model']['forward_flops'] / 1e9:.2f} GFLOP per forward; PCA data passes "
-             f"(incl. lift, worst case): {plan['pca_passes']}", ""]
-    hdr = f"{'stage':24s} {'jobs':>6s} {'written':>10s} {'GPU mem/job':>12s} {'host mem/job':>13s} {'PFLOP':>9s} {'time':>10s}"
+    lines = [
+        f"gradspace plan on {plan['device_label']} x {plan['gpus']} ({plan['precision']})"
+        + (
+            "" if plan["calibrated"] else "  [efficiency: CPU-measured stand-in; run benchmarks/gpu_check.sh]"
+        ),
+        "samples: " + ", ".join(f"{k}={v}" for k, v in plan["sizes"].items()),
+        f"model: {plan['model']['num_params']:,} parameters ({plan['model']['subspace_params']:,} in the "
+        f"subspace), {plan['model']['forward_flops'] / 1e9:.2f} GFLOP per forward; PCA data passes "
+        f"(incl. lift, worst case): {plan['pca_passes']}",
+        "",
+    ]
+    hdr = (f"{'stage':24s} {'jobs':>6s} {'written':>10s} {'GPU mem/job':>12s} {'host mem/job':>13s} "
+           f"{'PFLOP':>9s} {'time':>10s}")
     lines += [hdr, "-" * len(hdr)]
     for name, st in plan["stages"].items():
-        lines.append(f"{name:24s} {st['jobs']:6d} {fmt_bytes(st['bytes_written']):>10s} "
-                     f"{fmt_bytes(st['peak_job_gpu_bytes']) if st['gpu'] else '-':>12s} "
-                     f"{fmt_bytes(st['peak_job_host_bytes']):>13s} {st['flops'] / 1e15:9.3g} "
-                     f"{fmt_seconds(st['seconds']):>10s}")
-    lines += ["", f"bytes written in all: {fmt_bytes(plan['bytes_written'])}",
-              f"peak disk in use: {fmt_bytes(plan['peak_disk_bytes'])} (transient: "
-              + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in plan["transient_bytes"].items()) + ")",
-              f"GPU-hours: {plan['gpu_hours']:.2f}; wall time with {plan['gpus']} device(s): "
-              f"{fmt_seconds(plan['wall_seconds'])}"]
+        lines.append(
+            f"{name:24s} {st['jobs']:6d} {fmt_bytes(st['bytes_written']):>10s} "
+            f"{fmt_bytes(st['peak_job_gpu_bytes']) if st['gpu'] else '-':>12s} "
+            f"{fmt_bytes(st['peak_job_host_bytes']):>13s} {st['flops'] / 1e15:9.3g} "
+            f"{fmt_seconds(st['seconds']):>10s}"
+        )
+    lines += [
+        "",
+        f"bytes written in all: {fmt_bytes(plan['bytes_written'])}",
+        f"peak disk in use: {fmt_bytes(plan['peak_disk_bytes'])} (transient: "
+        + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in plan["transient_bytes"].items())
+        + ")",
+        f"GPU-hours: {plan['gpu_hours']:.2f}; wall time with {plan['gpus']} device(s): "
+        f"{fmt_seconds(plan['wall_seconds'])}",
+    ]
     return "\n".join(lines)
 
 
@@ -761,37 +936,58 @@ def _cmd_plan(a) -> int:
     if a.calibration:
         with open(a.calibration) as fh:
             calib = json.load(fh)
-    plan = make_plan(cfg, a.device, a.gpus, sizes, calib,
-                     Path(a.results) if a.results else None)
+    plan = make_plan(cfg, a.device, a.gpus, sizes, calib, Path(a.results) if a.results else None)
     if a.json:
         print(json.dumps(plan, indent=1, sort_keys=True))
     else:
         print(render(plan))
-    check_budget(plan, parse_bytes(a.max_disk) if a.max_disk else None,
-                 parse_bytes(a.max_gpu_mem) if a.max_gpu_mem else None)
+    check_budget(
+        plan,
+        parse_bytes(a.max_disk) if a.max_disk else None,
+        parse_bytes(a.max_gpu_mem) if a.max_gpu_mem else None,
+    )
     return 0
 
 
 def register(sub) -> None:
-    p = sub.add_parser("plan", help="jobs, memory, disk, FLOPs and time of a config, before anything runs",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--configfile", nargs="+", default=None,
-                   help="config files, merged in order like snakemake --configfile (default config/config.yaml)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="extra config values, e.g. subspace.k=1000")
+    p = sub.add_parser(
+        "plan",
+        help="jobs, memory, disk, FLOPs and time of a config, before anything runs",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument(
+        "--configfile",
+        nargs="+",
+        default=None,
+        help="config files, merged in order like snakemake --configfile (default config/config.yaml)",
+    )
+    p.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="extra config values, e.g. subspace.k=1000"
+    )
     p.add_argument("--device", default="cpu", choices=sorted(DEVICES), help="device to estimate run time on")
     p.add_argument("--gpus", type=int, default=1, help="devices working in parallel (wall time)")
     p.add_argument("--sizes", default="", help="samples per dataset, e.g. id_train=50000,id_test=50000")
     p.add_argument("--results", default=None, help="results/<experiment> of an earlier run (exact sizes)")
-    p.add_argument("--calibration", default=None, help="JSON from benchmarks/gpu_check.sh (measured efficiency)")
+    p.add_argument(
+        "--calibration", default=None, help="JSON from benchmarks/gpu_check.sh (measured efficiency)"
+    )
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--max-disk", default=None, help="fail when the peak disk in use exceeds this (e.g. 2T)")
     p.add_argument("--max-gpu-mem", default=None, help="fail when a job needs more GPU memory (e.g. 80G)")
     p.set_defaults(func=_cmd_plan)
 
 
-__all__ = ["CALIBRATION", "DEVICES", "Planner", "check_budget", "dataset_sizes", "load_config",
-           "make_plan", "model_facts", "render"]
+__all__ = [
+    "CALIBRATION",
+    "DEVICES",
+    "Planner",
+    "check_budget",
+    "dataset_sizes",
+    "load_config",
+    "make_plan",
+    "model_facts",
+    "render",
+]
 
 
 # ---------------------------------------------------------------------------------------
@@ -813,13 +1009,17 @@ def parse_snakemake_log(text: str) -> list[dict]:
     for line in text.splitlines():
         s = line.strip()
         head = s.split()
-        if len(head) == 2 and head[0] in ("rule", "checkpoint", "localrule", "localcheckpoint") and s.endswith(":"):
+        if (
+            len(head) == 2
+            and head[0] in ("rule", "checkpoint", "localrule", "localcheckpoint")
+            and s.endswith(":")
+        ):
             cur = {"rule": head[1].rstrip(":"), "output": [], "benchmark": None}
             jobs.append(cur)
         elif cur is not None and s.startswith("output:"):
-            cur["output"] = [p.strip() for p in s[len("output:"):].split(",") if p.strip()]
+            cur["output"] = [p.strip() for p in s[len("output:") :].split(",") if p.strip()]
         elif cur is not None and s.startswith("benchmark:"):
-            cur["benchmark"] = s[len("benchmark:"):].strip()
+            cur["benchmark"] = s[len("benchmark:") :].strip()
         elif not s:
             cur = None
     return [j for j in jobs if j["output"]]
@@ -839,7 +1039,9 @@ def measure_run(workdir: str | os.PathLike, log_text: str) -> dict:
         if key in seen:
             continue
         seen.add(key)
-        st = out.setdefault(job["rule"], {"jobs": 0, "bytes_written": 0, "max_rss_bytes": 0.0, "seconds": 0.0})
+        st = out.setdefault(
+            job["rule"], {"jobs": 0, "bytes_written": 0, "max_rss_bytes": 0.0, "seconds": 0.0}
+        )
         st["jobs"] += 1
         st["bytes_written"] += sum(_path_bytes(workdir / p) for p in job["output"])
         bench = workdir / job["benchmark"] if job["benchmark"] else None
