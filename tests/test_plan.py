@@ -46,7 +46,10 @@ def _dry_run_counts(workdir) -> dict:
 VARIANTS = {
     "tiny": {},
     # block groups, data parts and more ID-train shards than parts
-    "split": {"data": {"id": {"shards": 4}}, "subspace": {"block_jobs": 2, "data_parts": 2, "iterations": 1}},
+    "split": {"data": {"id": {"shards": 4}},
+              "subspace": {"block_jobs": 2, "data_parts": 2, "iterations": 1, "ag": {"class_jobs": 3}}},
+    # the in-memory exact PCA (one job) instead of the passes
+    "exact": {"subspace": {"solver": "exact"}},
 }
 
 

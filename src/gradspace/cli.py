@@ -27,6 +27,7 @@ COMMAND_MODULES = [
     "gradspace.subspace.commands",
     "gradspace.timing",
     "gradspace.verify",
+    "gradspace.plan",
 ]
 
 # Which module registers each subcommand, so that a job imports only what it runs
@@ -45,9 +46,11 @@ COMMANDS = {
     "grad-scores": "gradspace.grads.commands",
     "timing-tables": "gradspace.timing",
     "verify-stores": "gradspace.verify",
+    "plan": "gradspace.plan",
     **{name: "gradspace.subspace.commands" for name in (
         "gradstats-partial", "gradstats-reduce", "ag-partial", "ag-reduce", "pca-init",
         "pca-pass", "pca-gv", "pca-reduce", "pca-diagnostics", "pca-settings", "pca-lift", "pca-finalize",
+        "pca-solver", "pca-exact",
         "project", "project-merge",
         "subspace-diagnostics", "gradient-diagnostics", "ensemble-scores")},
 }

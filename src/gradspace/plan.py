@@ -560,6 +560,15 @@ class Planner:
         self.stage("report").add_job(5e5 + 1.3e4 * n_files, 2e8)
         return self.summary()
 
+    def pca_solver(self, n: int, p: int, k: int) -> str:
+        """The PCA path the workflow takes (``subspace.exact.choose_solver``, as the
+        checkpoint pca_solver decides it from N and P)."""
+        from .subspace.exact import choose_solver
+
+        sub = self.cfg["subspace"]
+        iterative = "power" if sub["solver"] == "power" else "krylov"
+        return choose_solver(sub["solver"], n, p, k, float(sub["exact_max_gib"]) * GiB, iterative)
+
     def _source(self, ds: str) -> dict:
         idc = self.cfg["data"]["id"]
         if ds in ("id_train", "id_test"):
@@ -642,6 +651,24 @@ class Planner:
 
         reduced_k = {}
         if "pca" in spaces:
+            solver = self.pca_solver(n_train, P, k)
+            if sub["solver"] == "auto":  # the checkpoint that decides from N and P
+                self.stage("pca_solver").add_job(300.0, self.cal["host_base_numpy"])
+        if "pca" in spaces and solver == "exact":
+            from .subspace.exact import exact_pca_bytes
+
+            # one data pass: G (N x P float32) on the host, the Gram matrix, V = G^T U / sqrt(lambda)
+            self.stage("pca_exact", gpu=True, kept=False, key="persample").add_job(
+                4.0 * P * k + 8.0 * n_train * 2,
+                *self._mem(self._persample_work(P, size), host_extra=float(exact_pca_bytes(n_train, P, k))),
+                flops=n_train * (3 * F + 2 * P) + 2.0 * n_train * n_train * P + 2.0 * P * k * n_train,
+            )
+            self.stage("pca_settings").add_job(200.0, self.cal["host_base_numpy"])
+            # finalize moves the exact store into place: nothing copied
+            self.stage("pca_finalize").add_job(0.0, self.cal["host_base_numpy"], kept=4.0 * P * k)
+            self.transient["pca"] = 4.0 * P * k
+            reduced_k["pca"] = k
+        elif "pca" in spaces:
             V = 4.0 * P * K
             # V-init is released by the reduce of pass 0
             Pb = max(f.block_sizes.values())  # the reduces hold one parameter block at a time

@@ -110,17 +110,56 @@ def paused_iter(name: str, iterable):
             pause_point(name)
 
 
-def progress(name: str, batches, total: int | None):
-    """Yield the batches (x, ...) of a model-running job, logging samples done / total,
-    samples/s and the ETA to stderr (the job log) at a bounded rate: every 30 s when the log
-    is a file (a SLURM log under ``tail -f``), every second on a terminal."""
+def progress_interval() -> float:
+    """Seconds between progress lines: ``$GRADSPACE_PROGRESS_INTERVAL`` when set, else 1 s
+    on a terminal and 30 s when stderr is a file (a SLURM log under ``tail -f``)."""
+    import sys
+
+    env = os.environ.get("GRADSPACE_PROGRESS_INTERVAL", "").strip()
+    if env:
+        try:
+            return max(float(env), 0.0)
+        except ValueError:
+            pass
+    return 1.0 if sys.stderr.isatty() else 30.0
+
+
+def progress_bar(name: str, total: int | None):
+    """A tqdm bar on stderr (the job log) that logs samples done / total, samples/s and the
+    ETA at a bounded rate (:func:`progress_interval`); ``update(n)`` after each n samples,
+    ``close()`` at the end (or use it as a context manager)."""
     import sys
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, desc=name, unit="sample", unit_scale=True, file=sys.stderr,
-               mininterval=1.0 if sys.stderr.isatty() else 30.0, dynamic_ncols=False,
-               ascii=not sys.stderr.isatty())
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=name, unit="sample", unit_scale=True,
+                file=sys.stderr if tty else _LogLines(sys.stderr), mininterval=progress_interval(),
+                miniters=1, dynamic_ncols=False, ascii=not tty)
+
+
+class _LogLines:
+    """A file for tqdm that writes each status as its own line (tqdm redraws one line with
+    carriage returns, which a log file keeps as one ever-growing line)."""
+
+    def __init__(self, fh):
+        self.fh = fh
+
+    def write(self, s: str) -> None:
+        s = s.replace("\r", "").strip()
+        if s:
+            self.fh.write(s + "\n")
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def progress(name: str, batches, total: int | None):
+    """Yield the batches (x, ...) of a model-running job, logging samples done / total,
+    samples/s and the ETA to stderr (the job log) at a bounded rate: every 30 s when the log
+    is a file (a SLURM log under ``tail -f``), every second on a terminal
+    (``$GRADSPACE_PROGRESS_INTERVAL`` overrides both)."""
+    bar = progress_bar(name, total)
     try:
         for batch in batches:
             yield batch

@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 SUBSPACE_RULES = {
     "stats": ("gradstats_partial", "gradstats_reduce"),
     "pca": ("pca_init", "pca_pass", "pca_gv", "pca_pass_block", "pca_reduce", "pca_diagnostics",
-            "pca_settings", "pca_lift", "pca_finalize"),
+            "pca_settings", "pca_lift", "pca_finalize", "pca_solver", "pca_exact"),
     "ag": ("ag_partial", "ag_reduce"),
 }
 # the per-shard rules of each stage run in parallel; the others are sequential steps

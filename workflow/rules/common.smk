@@ -266,8 +266,20 @@ def release_arg(paths):
     return f"--release {' '.join(paths)}" if paths else ""
 
 
+# AG class sums: one job per (class range, data part). A class range's job computes the
+# gradients of its classes' samples only and writes only their P x C' columns, so the
+# partials of one data part hold P x C in all, whatever subspace.ag.class_jobs; more
+# class jobs bound each job's memory (P x C' accumulator) and spread the work over GPUs.
+AG_CLASS_JOBS = max(1, min(int(SUB["ag"]["class_jobs"]), int(config["data"]["id"]["num_classes"])))
+AG_CLASS_IDS = [str(c) for c in range(AG_CLASS_JOBS)]
+
+
 def ag_partials():
-    return [f"{R}/subspace/ag/partial/part-{w}.zarr" for w in DATA_PARTS_IDS]
+    return [f"{R}/subspace/ag/partial/classes-{c}/part-{w}.zarr" for c in AG_CLASS_IDS for w in DATA_PARTS_IDS]
+
+
+def ag_classes_arg(cgroup):
+    return f"--classes {AG_CLASS_JOBS}/{int(cgroup)}" if AG_CLASS_JOBS > 1 else ""
 
 
 def pca_gv_parts(wc):
@@ -295,6 +307,57 @@ def pca_final_pass():
         if _max_residual(diag) <= float(SUB["tol"]):
             return t
     return last
+
+
+# -- PCA solver ------------------------------------------------------------------------------
+# subspace.solver: exact / krylov / power are fixed at parse time. auto needs N (ID-train
+# samples) and P (selected parameters), which only the gradient statistics know (the data
+# are prepared and the model built by jobs), so the checkpoint pca_solver decides from them
+# (gradspace.subspace.exact.choose_solver against subspace.exact_max_gib) and pca_finalize's
+# inputs follow its decision: the store of pca_exact, or the lift of the data passes.
+EXACT_MEM_MB = int(float(SUB["exact_max_gib"]) * 1024) + 4000
+
+
+def pca_solver_used():
+    """The solver of this run: subspace.solver, or with auto the checkpoint's decision."""
+    if SUB["solver"] != "auto":
+        return SUB["solver"]
+    with open(checkpoints.pca_solver.get().output[0]) as fh:
+        return json.load(fh)["solver"]
+
+
+def pca_iterative_solver():
+    """The solver the data passes run (auto falls back to krylov)."""
+    return "power" if SUB["solver"] == "power" else "krylov"
+
+
+def pca_settings_params():
+    """What pca_settings records (an input of pca_finalize, so that its change reruns the
+    finalize, which Snakemake's params check skips for checkpoint-dependent jobs). The
+    exact path also depends on k and, with auto, on the budget; the iterative settings
+    keep their old keys, so runs pinned to krylov/power are not invalidated."""
+    keys = ["tol", "iterations", "max_iterations", "solver"]
+    if SUB["solver"] in ("auto", "exact"):
+        keys += ["k", "exact_max_gib"]
+    return {k: SUB[k] for k in keys}
+
+
+def pca_finalize_inputs(wc):
+    base = {"settings": f"{PCA}/settings.json", "stats": STATS}
+    if pca_solver_used() == "exact":
+        return {**base, "exact": f"{PCA}/exact.zarr"}
+    t = pca_final_pass()
+    return {**base, "parts": [f"{PCA}/lift/group-{g}/part-{w}.zarr" for g in LIFT_GROUPS for w in DATA_PARTS_IDS],
+            "krylov": pca_krylov(t), "diagnostics": [f"{PCA}/diagnostics/pass-{s:03d}.json" for s in range(t + 1)]}
+
+
+def pca_finalize_args(wc, input):
+    keys = set(input.keys())
+    if "exact" in keys:
+        return f"--exact {input.exact}"
+    if "parts" not in keys:  # the checkpoint pca_solver is pending: evaluated again after it
+        return ""
+    return f"--parts {' '.join(input.parts)} --krylov {input.krylov} --diagnostics {' '.join(input.diagnostics)}"
 
 
 def reduced_parts(wc):
@@ -403,12 +466,19 @@ def report_sections():
         sec.append({"title": f"Explained variance ({sp.upper()}, paper Fig. 8)",
                     "image": f"{d}/explained_variance.png", "csv": f"{d}/explained_variance.csv"})
         if sp == "pca":
+            iterative = (f"Largest relative residual ||C v - lambda v|| / lambda of the top-k Ritz pairs "
+                         f"after each data pass ({pca_iterative_solver()} solver, iterations: "
+                         f"{SUB['iterations']}); the run stops once it is below subspace.tol = "
+                         f"{SUB['tol']}, then one more pass lifts the Ritz vectors.")
+            exact = ("Exact solver: one data pass held the normalized gradients G in memory and the "
+                     "exact eigendecomposition of G G^T gave the directions, so there is no "
+                     "convergence curve: the single row is that pass, its residual is rounding only.")
+            caption = {"exact": exact, "auto": (
+                f"Solver auto: exact (in memory) when it fits subspace.exact_max_gib = "
+                f"{SUB['exact_max_gib']} GiB, else the data passes; the figure title names the "
+                f"solver used. {exact} {iterative}")}.get(SUB["solver"], iterative)
             sec.append({"title": "PCA convergence", "image": f"{d}/convergence.png",
-                        "csv": f"{d}/convergence.csv",
-                        "caption": f"Largest relative residual ||C v - lambda v|| / lambda of the top-k Ritz "
-                                   f"pairs after each data pass ({SUB['solver']} solver, iterations: "
-                                   f"{SUB['iterations']}); the run stops once it is below subspace.tol = "
-                                   f"{SUB['tol']}, then one more pass lifts the Ritz vectors."})
+                        "csv": f"{d}/convergence.csv", "caption": caption})
             sec.append({"title": "PCA directions and their residuals", "csv": f"{d}/directions.csv",
                         "caption": "Each direction of the PCA basis: eigenvalue (per sample), residual, and "
                                    "whether it met subspace.tol (NO marks an unconverged direction: the basis "

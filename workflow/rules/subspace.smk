@@ -3,7 +3,8 @@
 # part, one reduce), the average-gradient (AG) subspace, the PCA subspace by block power
 # iteration unrolled into one set of jobs per iteration (so an interrupted run resumes
 # at the last finished iteration), projection of every shard onto each subspace, and the
-# paper's detectors on the reduced gradients.
+# paper's detectors on the reduced gradients. Where the normalized gradients fit in memory
+# (subspace.solver: exact, or auto), the PCA is one data pass instead (rule pca_exact).
 
 
 rule gradstats_partial:
@@ -59,16 +60,19 @@ rule ag_partial:
         data=f"{R}/data/id_train",
         stats=STATS,
     output:
-        temp(directory(f"{R}/subspace/ag/partial/part-{{part}}.zarr")),
+        temp(directory(f"{R}/subspace/ag/partial/classes-{{cgroup}}/part-{{part}}.zarr")),
+    wildcard_constraints:
+        cgroup=r"\d+",
     params:
         code=code_version("subspace"),
         spec=jarg({**subspace_grad_params(), "method": config["subspace"]["method"],
                    "num_classes": config["data"]["id"]["num_classes"]}),
         shards=lambda wc: part_shards(wc.part),
+        classes=lambda wc: ag_classes_arg(wc.cgroup),
     log:
-        f"{LOGS}/subspace/ag_partial/part-{{part}}.log",
+        f"{LOGS}/subspace/ag_partial/classes-{{cgroup}}/part-{{part}}.log",
     benchmark:
-        f"{BENCH}/ag_partial/part-{{part}}.tsv"
+        f"{BENCH}/ag_partial/classes-{{cgroup}}/part-{{part}}.tsv"
     threads: THREADS
     resources:
         mem_mb=lambda wc, attempt: 16000 * attempt,
@@ -77,12 +81,13 @@ rule ag_partial:
         "../../envs/gradspace.yaml"
     shell:
         "GRADSPACE_THREADS={threads} gradspace ag-partial --model {input.model} --data-dir {input.data} "
-        "--stats {input.stats} --shards {params.shards} --params {params.spec} --out {output} > {log} 2>&1"
+        "--stats {input.stats} --shards {params.shards} {params.classes} --params {params.spec} --out {output} "
+        "> {log} 2>&1"
 
 
 rule ag_reduce:
     input:
-        partials=expand(f"{R}/subspace/ag/partial/part-{{part}}.zarr", part=DATA_PARTS_IDS),
+        partials=ag_partials(),
         stats=STATS,
     output:
         directory(f"{R}/subspace/ag/subspace.zarr"),
@@ -246,7 +251,7 @@ rule pca_reduce:
         krylov=directory(f"{PCA}/krylov/pass-{{it}}.zarr"),
     params:
         code=code_version("subspace"),
-        spec=jarg({"solver": SUB["solver"]}),
+        spec=jarg({"solver": pca_iterative_solver()}),
         gv=lambda wc, input: f"--gv {' '.join(input.gv)}" if input.gv else "",
         krylov=lambda wc, input: f"--krylov {' '.join(input.krylov)}" if input.krylov else "",
         release=lambda wc: release_arg([pca_basis(wc.it)]),
@@ -291,7 +296,7 @@ rule pca_settings:
         f"{PCA}/settings.json",
     params:
         code=code_version("subspace"),
-        spec=jarg({k: SUB[k] for k in ("tol", "iterations", "max_iterations", "solver")}),
+        spec=jarg(pca_settings_params()),
     log:
         f"{LOGS}/subspace/pca_settings.log",
     benchmark:
@@ -336,18 +341,73 @@ rule pca_lift:
         "--params {params.spec} {params.release} --out {output} > {log} 2>&1"
 
 
+# The exact in-memory PCA (subspace.solver exact, or auto when it fits): one job passes
+# over every ID-train shard, holds the normalized gradients G (N x P float32) and the Gram
+# matrix G G^T (N x N float64) in memory and takes its exact eigendecomposition; no
+# iteration, no convergence question. Its memory grows with N x P, so auto takes it only
+# when gradspace.subspace.exact.exact_pca_bytes(N, P, k) <= subspace.exact_max_gib.
+if SUB["solver"] == "auto":
+
+    checkpoint pca_solver:
+        input:
+            STATS,
+        output:
+            f"{PCA}/solver.json",
+        params:
+            code=code_version("subspace"),
+            spec=jarg({"solver": SUB["solver"], "k": SUB["k"], "exact_max_gib": SUB["exact_max_gib"]}),
+        log:
+            f"{LOGS}/subspace/pca_solver.log",
+        benchmark:
+            f"{BENCH}/pca_solver.tsv"
+        localrule: True
+        conda:
+            "../../envs/gradspace.yaml"
+        shell:
+            "gradspace pca-solver --stats {input} --params {params.spec} --out {output} > {log} 2>&1"
+
+
+if SUB["solver"] in ("auto", "exact"):
+
+    rule pca_exact:
+        input:
+            model=MODEL,
+            data=f"{R}/data/id_train",
+            stats=STATS,
+        output:
+            temp(directory(f"{PCA}/exact.zarr")),
+        params:
+            code=code_version("subspace"),
+            spec=jarg({**subspace_grad_params(), "k": SUB["k"], "exact_max_gib": SUB["exact_max_gib"],
+                       "tol": SUB["tol"]}),
+            shards=" ".join(str(s) for s in range(n_shards("id_train"))),
+        log:
+            f"{LOGS}/subspace/pca_exact.log",
+        benchmark:
+            f"{BENCH}/pca_exact.tsv"
+        threads: THREADS
+        resources:
+            mem_mb=lambda wc, attempt: EXACT_MEM_MB * attempt,
+            runtime=lambda wc, attempt: 120 * attempt,
+        conda:
+            "../../envs/gradspace.yaml"
+        shell:
+            "GRADSPACE_THREADS={threads} gradspace pca-exact --model {input.model} --data-dir {input.data} "
+            "--stats {input.stats} --shards {params.shards} --params {params.spec} --out {output} "
+            "> {log} 2>&1"
+
+
+# The PCA subspace store: the lift parts summed (data passes), or the store of pca_exact
+# moved into place (exact solver; with auto, whichever the checkpoint pca_solver chose).
 rule pca_finalize:
     input:
-        settings=f"{PCA}/settings.json",
-        parts=[f"{PCA}/lift/group-{g}/part-{w}.zarr" for g in LIFT_GROUPS for w in DATA_PARTS_IDS],
-        krylov=lambda wc: pca_krylov(pca_final_pass()),
-        diagnostics=lambda wc: [f"{PCA}/diagnostics/pass-{s:03d}.json" for s in range(pca_final_pass() + 1)],
-        stats=STATS,
+        unpack(pca_finalize_inputs),
     output:
         directory(f"{PCA}/subspace.zarr"),
     params:
         code=code_version("subspace"),
         spec=jarg({"tol": SUB["tol"]}),
+        args=pca_finalize_args,
     log:
         f"{LOGS}/subspace/pca_finalize.log",
     benchmark:
@@ -358,8 +418,7 @@ rule pca_finalize:
     conda:
         "../../envs/gradspace.yaml"
     shell:
-        "gradspace pca-finalize --parts {input.parts} --krylov {input.krylov} "
-        "--diagnostics {input.diagnostics} --stats {input.stats} --params {params.spec} "
+        "gradspace pca-finalize {params.args} --stats {input.stats} --params {params.spec} "
         "--out {output} > {log} 2>&1"
 
 

@@ -281,7 +281,7 @@ def score_model_pass(det: Detector, model_path, data_dir, params: dict | None) -
         raise ConfigError(f"detector '{det.method}' runs the model: pass --model and --data-dir")
     from ..data.loader import iter_batches, num_samples
     from ..models import load_model
-    from ..runtime import resolve_device
+    from ..runtime import progress, resolve_device
 
     p = compute_params(params)
     device = resolve_device(p["device"])
@@ -292,9 +292,9 @@ def score_model_pass(det: Detector, model_path, data_dir, params: dict | None) -
     n = num_samples(data_dir)
     out = np.full(n, np.nan)
     seen = np.zeros(n, dtype=bool)
-    for x, _y, rows in iter_batches(data_dir, batch_size=int(p["batch_size"]), shuffle=False,
-                                    num_workers=int(p["num_workers"]), mean=p["mean"], std=p["std"],
-                                    device=device):
+    batches = iter_batches(data_dir, batch_size=int(p["batch_size"]), shuffle=False,
+                           num_workers=int(p["num_workers"]), mean=p["mean"], std=p["std"], device=device)
+    for x, _y, rows in progress(f"score {det.method} {data_dir}", batches, n):
         rows = np.asarray(rows.cpu() if hasattr(rows, "cpu") else rows, dtype=np.int64)
         s = det.score_batch(model, x.to(device))
         out[rows] = s.detach().cpu().double().numpy() if hasattr(s, "detach") else np.asarray(s)

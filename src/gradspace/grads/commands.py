@@ -307,7 +307,7 @@ def run_grad_scores(model_path, data_dir, shard, params: dict | None, out, ref_d
     from ..data.loader import iter_batches, num_samples
     from ..data.manifest import shard_layout
     from ..models import load_model
-    from ..runtime import Timer, hardware_description, resolve_device
+    from ..runtime import Timer, hardware_description, progress, resolve_device
     from ..store import ShardWriter
 
     p = parse_params(params)
@@ -331,9 +331,10 @@ def run_grad_scores(model_path, data_dir, shard, params: dict | None, out, ref_d
         w.create("index", (n,), "int64")
         w.create("labels", (n,), "int64")
         pos = 0
-        for x, y, rows in iter_batches(data_dir, shard=shard, batch_size=int(p["batch_size"]),
-                                       shuffle=False, num_workers=int(p["num_workers"]),
-                                       mean=p["mean"], std=p["std"], device=device):
+        batches = iter_batches(data_dir, shard=shard, batch_size=int(p["batch_size"]), shuffle=False,
+                               num_workers=int(p["num_workers"]), mean=p["mean"], std=p["std"],
+                               device=device)
+        for x, y, rows in progress(f"grad-scores {data_dir} shard {shard}", batches, n):
             with timer("grad_scores", device):
                 vals = scorer(x)
             k = x.shape[0]

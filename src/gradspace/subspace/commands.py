@@ -11,6 +11,11 @@ With parameter-block groups (``subspace.block_jobs``) each ``pca-pass`` becomes 
 jobs per (part, group): ``pca-gv`` (G_g·V_g, only the group's blocks of V loaded), then
 ``pca-pass --gv <parts of every group>`` (G_bᵀ(G·V) for the group's blocks, no V);
 ``project --block-group`` per group, then ``project-merge``.
+
+Where G fits in memory (``subspace.solver: exact``, or ``auto`` when ``pca-solver`` finds
+that it fits ``subspace.exact_max_gib``), ``pca-exact`` replaces all of that with one data
+pass (G materialized, exact eigendecomposition of GGᵀ, see ``exact.py``) and
+``pca-finalize --exact`` moves its store into place.
 """
 
 from __future__ import annotations
@@ -167,11 +172,21 @@ def cmd_ag_partial(a):
     op = _operator(o["method"], model, stats, o, dev)
     timer = Timer()
     part = _part_label(a.shards)
+    classes = None
+    if a.classes:
+        from .ag import class_range
+
+        jobs, _, index = a.classes.partition("/")
+        classes = class_range(C, int(jobs), int(index)) if index else None
+        if classes is None:
+            raise ConfigError(f"ag-partial --classes {a.classes!r}: expected JOBS/INDEX, e.g. 8/0")
+        part = f"classes {classes[0]}-{classes[1]} of shards {part}"
     with timer("total", dev):
         sums, counts = class_sums(op, _shard_batches(a.data_dir, a.shards, o, dev, "ag-partial"), C, timer,
-                                  dev, where=f"{a.data_dir} shards {part}")
+                                  dev, where=f"{a.data_dir} shards {part}", classes=classes)
     write_ag_partial(a.out, stats.layout, sums, counts, {"shard": part, "shards": [int(s) for s in a.shards],
-                                                         "method": o["method"]})
+                                                         "method": o["method"],
+                                                         **({"classes": list(classes)} if classes else {})})
     _write_timing(a.timing, "ag-partial", timer, dev, counts.sum(), {"method": o["method"]})
 
 
@@ -295,7 +310,7 @@ def cmd_pca_reduce(a):
         raise ConfigError(f"pca-reduce --params: unknown key(s) {sorted(set(o) - {'solver'})}")
     solver = o.get("solver", "krylov")
     if solver not in ("krylov", "power"):
-        raise ConfigError(f"subspace.solver must be krylov or power, got {solver!r}")
+        raise ConfigError(f"pca-reduce: the iterative solver must be krylov or power, got {solver!r}")
     stats = _load_stats(a.stats)
     diag = reduce_pass(a.parts, a.out_basis, a.out_krylov, stats, a.krylov or [], a.gv,
                        window=1 if solver == "power" else None, scratch_dir=Path(a.out_basis).parent)
@@ -328,7 +343,7 @@ def cmd_pca_settings(a):
     from .diagnostics import write_json
 
     o = dict(a.params or {})
-    unknown = set(o) - {"tol", "iterations", "max_iterations", "solver"}
+    unknown = set(o) - {"tol", "iterations", "max_iterations", "solver", "k", "exact_max_gib"}
     if unknown:
         raise ConfigError(f"pca-settings --params: unknown key(s) {sorted(unknown)}")
     write_json(a.out, o)
@@ -379,6 +394,12 @@ def cmd_pca_finalize(a):
     if set(o) - {"tol"}:
         raise ConfigError(f"pca-finalize --params: unknown key(s) {sorted(set(o) - {'tol'})}")
     stats = _load_stats(a.stats)
+    if a.exact:
+        if a.parts or a.krylov:
+            raise ConfigError("pca-finalize: give either --exact or --parts/--krylov")
+        return _install_exact(a.exact, a.out, stats, o.get("tol"))
+    if not a.parts or not a.krylov:
+        raise ConfigError("pca-finalize needs --parts and --krylov (the iterative path) or --exact")
     curve = []
     for p in a.diagnostics or []:
         d = json.loads(Path(p).read_text())
@@ -395,6 +416,91 @@ def cmd_pca_finalize(a):
                     "subspace.oversample, or use iterations: auto", len(info["unconverged"]), info["k"],
                     info["tol"], info["iterations"], info["unconverged"][:10], info["max_residual"])
 
+
+
+# -- exact in-memory PCA ----------------------------------------------------------------------
+
+EXACT_DEFAULTS = {"k": 200, "exact_max_gib": 8.0, "tol": None}
+
+
+def cmd_pca_solver(a):
+    """The solver of subspace.solver: auto, decided from the statistics (N = ID-train
+    samples, P = selected parameters) against subspace.exact_max_gib: the checkpoint whose
+    output routes the workflow to pca_exact or to the data passes."""
+    from .diagnostics import write_json
+    from .exact import GIB, choose_solver, exact_pca_bytes
+
+    o = {"solver": "auto", "k": 200, "exact_max_gib": 8.0, **dict(a.params or {})}
+    unknown = set(o) - {"solver", "k", "exact_max_gib"}
+    if unknown:
+        raise ConfigError(f"pca-solver --params: unknown key(s) {sorted(unknown)}")
+    stats = _load_stats(a.stats)
+    n, p, k = int(stats.count), int(stats.layout.num_params), int(o["k"])
+    budget = float(o["exact_max_gib"]) * GIB
+    solver = choose_solver(o["solver"], n, p, k, budget)
+    need = exact_pca_bytes(n, p, k)
+    write_json(a.out, {"solver": solver, "configured": o["solver"], "n": n, "p": p, "k": k,
+                       "exact_bytes": need, "exact_max_gib": float(o["exact_max_gib"])})
+    log.info("PCA solver %s (%s): the exact path needs %.2f GiB for N = %d, P = %d, k = %d; "
+             "subspace.exact_max_gib = %s", solver, o["solver"], need / GIB, n, p, k, o["exact_max_gib"])
+
+
+def cmd_pca_exact(a):
+    """The PCA subspace in one data pass: G (N×P) materialized, exact eigendecomposition of
+    GGᵀ (float64), V = GᵀUΛ^(-1/2); written as the subspace store pca-finalize installs."""
+    from ..runtime import Timer
+    from .exact import GIB, check_budget, exact_pca, write_exact
+
+    o = _opts(a.params, {**EXACT_DEFAULTS, "method": "persample"}, "pca-exact")
+    stats = _load_stats(a.stats)
+    n, p, k = int(stats.count), int(stats.layout.num_params), int(o["k"])
+    need = check_budget(n, p, k, float(o["exact_max_gib"]) * GIB)
+    dev = _device(o)
+    model, _ = _model(a.model, dev)
+    op = _operator("persample", model, stats, o, dev)   # explicit gradients whatever subspace.method
+    timer = Timer()
+    log.info("exact PCA: N = %d, P = %d, k = %d, %.2f GiB in memory", n, p, k, need / GIB)
+    with timer("total", dev):
+        V, info = exact_pca(op, _shard_batches(a.data_dir, a.shards, o, dev, "pca-exact"), n, k, timer, dev,
+                            stats)
+    attrs = write_exact(a.out, stats.layout, V, info, o["tol"])
+    log.info("exact PCA k=%d: explained variance %.4f, largest residual %.2g, orthonormality error %.1e, "
+             "seconds %s -> %s", k, sum(attrs["explained_variance_ratio"] or [0]), attrs["max_residual"],
+             attrs["orthonormality_error"], {key: round(v, 2) for key, v in info["seconds"].items()}, a.out)
+    _write_timing(a.timing, "pca-exact", timer, dev, n, {"seconds_parts": info["seconds"]})
+
+
+def _install_exact(src, out, stats, tol):
+    """pca-finalize --exact: move the store pca-exact wrote into place (a rename: no copy
+    of P×k), after checking it is a complete exact PCA store over the statistics' samples
+    and layout, with the tolerance of this run."""
+    import os
+    import shutil
+
+    from ..errors import StoreError
+    from ..store import quick_check
+    from .io import open_blocks
+
+    quick_check(src)
+    _, attrs, layout = open_blocks(src, "subspace")
+    layout.same_as(stats.layout, f"{src} vs. statistics")
+    if attrs.get("solver") != "exact" or attrs.get("type") != "pca":
+        raise StoreError(f"{src}: not an exact PCA store (solver {attrs.get('solver')!r})")
+    if int(attrs.get("n", -1)) != int(stats.count):
+        raise StoreError(f"{src}: exact PCA over {attrs.get('n')} samples, the statistics {stats.count}")
+    if attrs.get("tol") != tol:
+        res = np.asarray(attrs["residuals"], np.float64)
+        unconverged = [] if tol is None else [int(j) for j in np.flatnonzero(res > float(tol))]
+        import zarr
+
+        zarr.open_group(str(src), mode="r+", zarr_format=3).attrs.update(
+            {"tol": tol, "converged": None if tol is None else not unconverged, "unconverged": unconverged})
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(src, out)
+    log.info("PCA subspace (exact, k=%s, one data pass): largest residual %.2g, orthonormality error "
+             "%.1e -> %s", attrs.get("k"), attrs.get("max_residual"), attrs.get("orthonormality_error"), out)
 
 # -- projection -------------------------------------------------------------------------------
 
@@ -561,6 +667,9 @@ def register(subparsers) -> None:
     for opt in ("--model", "--data-dir", "--stats"):
         p.add_argument(opt, required=True)
     p.add_argument("--shards", type=int, nargs="+", required=True, help="ID-train shards of this data part")
+    p.add_argument("--classes", default=None,
+                   help="JOBS/INDEX: only the classes of AG job INDEX of JOBS (subspace.ag.class_jobs): "
+                        "gradients of their samples only, P x (their classes) columns written")
     p.add_argument("--out", required=True)
     compute(p, "; method (jvp_vjp|persample), num_classes")
 
@@ -635,13 +744,31 @@ def register(subparsers) -> None:
     p.add_argument("--params", type=json_arg, default={})
     p.add_argument("--out", required=True)
 
-    p = add("pca-finalize", cmd_pca_finalize, "sum the lift parts -> PCA subspace store")
-    p.add_argument("--parts", nargs="+", required=True, help="pca-lift outputs")
-    p.add_argument("--krylov", required=True, help="Krylov record of the final pass")
+    p = add("pca-finalize", cmd_pca_finalize, "sum the lift parts -> PCA subspace store (or install "
+                                              "the store of pca-exact, --exact)")
+    p.add_argument("--parts", nargs="+", default=None, help="pca-lift outputs")
+    p.add_argument("--krylov", default=None, help="Krylov record of the final pass")
+    p.add_argument("--exact", default=None, help="the store pca-exact wrote (moved into place)")
     p.add_argument("--diagnostics", nargs="*", default=[], help="diagnostics JSON of every pass (the curve)")
     p.add_argument("--stats", required=True)
     p.add_argument("--params", type=json_arg, default={}, help='JSON {"tol": 0.01}')
     p.add_argument("--out", required=True)
+
+    p = add("pca-solver", cmd_pca_solver, "subspace.solver auto: exact when the in-memory PCA fits "
+                                          "subspace.exact_max_gib, else krylov (JSON)")
+    p.add_argument("--stats", required=True)
+    p.add_argument("--params", type=json_arg, default={},
+                   help='JSON {"solver": "auto", "k": 200, "exact_max_gib": 8.0}')
+    p.add_argument("--out", required=True)
+
+    p = add("pca-exact", cmd_pca_exact, "the PCA subspace in one data pass: G in memory, exact "
+                                        "eigendecomposition of GG^T (all ID-train shards)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--data-dir", required=True)
+    p.add_argument("--stats", required=True)
+    shards(p)
+    p.add_argument("--out", required=True)
+    compute(p, "; k, exact_max_gib (the job's memory budget: refuses to start above it), tol")
 
     p = add("project", cmd_project, "reduced gradients G·V of one shard")
     for opt in ("--model", "--data-dir", "--stats", "--subspace"):
