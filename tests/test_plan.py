@@ -154,3 +154,24 @@ def test_plan_agrees_with_a_measured_run(tiny_workdir):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+def test_gpu_check_json_calibrates_the_plan(tmp_path):
+    """The JSON of benchmarks/gpu_check.sh sets the efficiency of each kind of work."""
+    from gradspace.plan import DEVICES, efficiency_from_gpu_check
+
+    peak = DEVICES["h100"]["peak"]["fp32"]
+    result = {"stages": {"extract": {"fp32": {"tflops": 0.5 * peak / 1e12}},
+                         "pca_gv": {"fp32": {"tflops": 0.2 * peak / 1e12}},
+                         "project": {"fp32": {"tflops": 0.3 * peak / 1e12}},
+                         "grad_scores": {"fp32": {"tflops": 0.1 * peak / 1e12}}}}
+    eff = efficiency_from_gpu_check(result, "h100")
+    assert eff == pytest.approx({"forward": 0.5, "persample": 0.2})
+    cfg = load_config([TINY])
+    slow = make_plan(cfg, device="h100", results=tmp_path)
+    (tmp_path / "gpu.json").write_text(json.dumps(result))
+    fast = make_plan(cfg, device="h100", results=tmp_path, calibration=result)
+    assert fast["calibrated"] and not slow["calibrated"]
+    assert fast["stages"]["extract"]["seconds"] != slow["stages"]["extract"]["seconds"]
+    with pytest.raises(ConfigError, match="no fp32 throughput"):
+        efficiency_from_gpu_check({"stages": {}}, "h100")

@@ -441,7 +441,8 @@ class Planner:
         self.cal = json.loads(json.dumps(CALIBRATION))
         self.calibrated = device == "cpu"
         if calibration:
-            eff = calibration.get("efficiency", {}).get(device)
+            eff = (efficiency_from_gpu_check(calibration, device) if "stages" in calibration
+                   else calibration.get("efficiency", {}).get(device))
             if eff:
                 self.cal["efficiency"].update(eff)
                 self.calibrated = True
@@ -847,6 +848,34 @@ class Planner:
                 per_job = st.seconds / st.jobs
                 total += per_job * math.ceil(st.jobs / lanes)
         return total
+
+
+# gpu_check.sh stages whose achieved throughput calibrates each kind of work
+CALIBRATION_STAGES = {
+    "forward": ("extract",),
+    "persample": ("grad_scores", "gradstats_partial", "pca_gv", "pca_pass_block", "project"),
+}
+
+
+def efficiency_from_gpu_check(result: Mapping, device: str) -> dict:
+    """Efficiency factors (achieved / peak FLOP/s) per kind of work from the JSON that
+    ``benchmarks/gpu_check.sh`` writes on a device: ``stages.<stage>.fp32.tflops`` over
+    the device's fp32 peak (its GPU "fp32" convolutions run as TF32 by PyTorch's default,
+    which the measured figure includes). The median over the kind's stages."""
+    if device not in DEVICES:
+        raise ConfigError(f"unknown device {device!r}; known: {', '.join(DEVICES)}")
+    peak = DEVICES[device]["peak"]["fp32"]
+    out = {}
+    for kind, stages in CALIBRATION_STAGES.items():
+        vals = sorted(float(result["stages"][s]["fp32"]["tflops"]) * 1e12 / peak
+                      for s in stages
+                      if "tflops" in (result.get("stages", {}).get(s, {}).get("fp32") or {}))
+        if vals:
+            out[kind] = vals[len(vals) // 2]
+    if not out:
+        raise ConfigError("the calibration JSON has no fp32 throughput of extract / grad_scores / PCA "
+                          "stages (run benchmarks/gpu_check.sh to the end)")
+    return out
 
 
 def make_plan(
