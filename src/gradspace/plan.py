@@ -89,6 +89,12 @@ DEVICES = {
 CALIBRATION = {
     "host_base_torch": 0.72e9,
     "host_base_numpy": 0.07e9,
+    # jobs that load a model but run no batches (load_model, model_card)
+    "host_base_light": 0.45e9,
+    # float64 copies of one parameter block a reduce holds at its peak (the float32 read,
+    # its float64 sum, LAPACK's copy, Q, and Q @ Q2 with its float32 cast when written;
+    # rehearsal: 2.0 GB for a 2.05M x 16 block)
+    "reduce_copies": 7.0,
     "efficiency": {"forward": 0.45, "persample": 0.25, "matmul": 0.6},
     "workspace_factor": 2.0,
     # seconds from job start to work: interpreter, imports, model load (demo benchmarks)
@@ -441,8 +447,11 @@ class Planner:
         self.cal = json.loads(json.dumps(CALIBRATION))
         self.calibrated = device == "cpu"
         if calibration:
-            eff = (efficiency_from_gpu_check(calibration, device) if "stages" in calibration
-                   else calibration.get("efficiency", {}).get(device))
+            eff = (
+                efficiency_from_gpu_check(calibration, device)
+                if "stages" in calibration
+                else calibration.get("efficiency", {}).get(device)
+            )
             if eff:
                 self.cal["efficiency"].update(eff)
                 self.calibrated = True
@@ -461,7 +470,9 @@ class Planner:
     def _chunk(self, p: int, size: int) -> int:
         from .grads.engine import MAX_CHUNK_BYTES
 
-        return max(1, min(int(size), MAX_CHUNK_BYTES // max(1, 4 * p)))
+        # a chunk never spans loader batches: at most compute.batch_size samples
+        batch = int(self.cfg["compute"]["batch_size"])
+        return max(1, min(int(size), batch, MAX_CHUNK_BYTES // max(1, 4 * p)))
 
     def _seconds(self, flops: float, kind: str) -> float:
         peak = self.dev["peak"].get(self.precision, self.dev["peak"]["fp32"])
@@ -503,16 +514,21 @@ class Planner:
             written = sz[ds] * (110 + (0 if files else img))
             # array sources: the uint8 images, uncompressed (an upper bound: zstd packs digits 4x)
             st.add_job(written, self.cal["host_base_torch"] + (0 if files else 2.0 * sz[ds] * img))
-        mst = self.stage("train" if cfg["model"]["source"] == "train" else "load_model")
+        training = cfg["model"]["source"] == "train"
+        mst = self.stage("train" if training else "load_model")
         mst.add_job(
             4.0 * f.num_params,
-            *self._mem(self._forward_work(batch)),
+            *(
+                self._mem(self._forward_work(batch))
+                if training
+                else (self.cal["host_base_light"] + 4.0 * f.num_params, 0.0)
+            ),
             flops=3
             * F
             * sz["id_train"]
             * (cfg["model"]["train"]["epochs"] if cfg["model"]["source"] == "train" else 0),
         )
-        self.stage("model_card").add_job(1.3e3, self.cal["host_base_torch"] * 0.75)
+        self.stage("model_card").add_job(1.3e3, self.cal["host_base_light"] + 3 * 4.0 * f.num_params)
 
         # extraction and feature detectors
         row_emb = 4 * (D + C) + 3 * 8
@@ -539,7 +555,10 @@ class Planner:
             for ds in scored:
                 if d["needs_model"]:
                     self.stage("score_model_detector", gpu=True, key="forward").add_job(
-                        8 * sz[ds] + 128, *self._mem(self._forward_work(batch) * 2), flops=4 * F * sz[ds]
+                        # the input gradient keeps about half the activations a weight gradient does
+                        8 * sz[ds] + 128,
+                        *self._mem(batch * (f.input_bytes + 0.5 * f.saved_bytes)),
+                        flops=4 * F * sz[ds],
                     )
                 else:
                     self.stage("score_detector").add_job(
@@ -555,7 +574,8 @@ class Planner:
             + (len(self._detectors(cfg["subspace"]["detectors"])) * 2 * len(spaces) if spaces else 0)
         )
         self.stage("evaluate").add_job(
-            150.0 * n_files + 5e3, 0.16e9 + 16.0 * sum(sz.values())  # pandas + matplotlib
+            150.0 * n_files + 5e3,
+            0.16e9 + 16.0 * sum(sz.values()),  # pandas + matplotlib
         )
         if spaces:
             self.stage("timing_tables").add_job(2e3, self.cal["host_base_numpy"])
@@ -620,7 +640,8 @@ class Planner:
         size = int(sub["chunk_size"])
         groups = f.group_sizes
         split = len(groups) > 1
-        stats_extra = 3 * 8.0 * P
+        # Σg, Σg² in float64 and the float64 copy of the gradient chunk
+        stats_extra = 2 * 8.0 * P + 8.0 * self._chunk(P, size) * P
 
         for n in part_rows:
             self.stage("gradstats_partial", gpu=True, key="persample").add_job(
@@ -628,7 +649,7 @@ class Planner:
                 *self._mem(self._persample_work(P, size, stats_extra)),
                 flops=n * (3 * F + 4 * P),
             )
-        self.stage("gradstats_reduce").add_job(2 * 8.0 * P, self.cal["host_base_numpy"] + 4 * 8.0 * P)
+        self.stage("gradstats_reduce").add_job(2 * 8.0 * P, self.cal["host_base_numpy"] + 8 * 8.0 * P)
         n_train = sz["id_train"]
 
         if "ag" in spaces:
@@ -646,7 +667,8 @@ class Planner:
             self.transient["ag_partial"] = 4.0 * P * C * len(parts)
             self.stage("ag_reduce").add_job(
                 4.0 * P * (2 * C - 1),
-                self.cal["host_base_numpy"] + 3 * 8.0 * max(f.block_sizes.values()) * C,
+                self.cal["host_base_numpy"]
+                + self.cal["reduce_copies"] * 8.0 * max(f.block_sizes.values()) * C,
                 read=3 * 4.0 * P * C * len(parts),
                 flops=2 * 2.0 * P * C * C,
             )
@@ -675,7 +697,9 @@ class Planner:
             # V-init is released by the reduce of pass 0
             Pb = max(f.block_sizes.values())  # the reduces hold one parameter block at a time
             self.stage("pca_init", kept=False).add_job(
-                V, self.cal["host_base_numpy"] + 3 * 8.0 * Pb * K, flops=2 * 2.0 * P * K * K
+                V,
+                self.cal["host_base_numpy"] + self.cal["reduce_copies"] * 8.0 * Pb * K,
+                flops=2 * 2.0 * P * K * K,
             )
             T = _pca_passes(sub)
             for t in range(T):
@@ -708,7 +732,9 @@ class Planner:
                 q = t + 1  # Krylov blocks in the Rayleigh-Ritz
                 self.stage("pca_reduce").add_job(
                     V + krylov,
-                    self.cal["host_base_numpy"] + 3 * 8.0 * Pb * K + 8.0 * n_train * K * (q + 1),
+                    self.cal["host_base_numpy"]
+                    + self.cal["reduce_copies"] * 8.0 * Pb * K
+                    + 8.0 * n_train * K * (q + 1),
                     kept=krylov + (V if t == T - 1 else 0.0),
                     read=2
                     * (
@@ -729,7 +755,7 @@ class Planner:
                     )
             self.stage("pca_finalize").add_job(
                 4.0 * P * k,
-                self.cal["host_base_numpy"] + 3 * 8.0 * Pb * k,
+                self.cal["host_base_numpy"] + self.cal["reduce_copies"] * 8.0 * Pb * k,
                 read=2 * 4.0 * P * k * len(parts),
                 flops=2.0 * P * k * k,
             )
@@ -868,14 +894,18 @@ def efficiency_from_gpu_check(result: Mapping, device: str) -> dict:
     peak = DEVICES[device]["peak"]["fp32"]
     out = {}
     for kind, stages in CALIBRATION_STAGES.items():
-        vals = sorted(float(result["stages"][s]["fp32"]["tflops"]) * 1e12 / peak
-                      for s in stages
-                      if "tflops" in (result.get("stages", {}).get(s, {}).get("fp32") or {}))
+        vals = sorted(
+            float(result["stages"][s]["fp32"]["tflops"]) * 1e12 / peak
+            for s in stages
+            if "tflops" in (result.get("stages", {}).get(s, {}).get("fp32") or {})
+        )
         if vals:
             out[kind] = vals[len(vals) // 2]
     if not out:
-        raise ConfigError("the calibration JSON has no fp32 throughput of extract / grad_scores / PCA "
-                          "stages (run benchmarks/gpu_check.sh to the end)")
+        raise ConfigError(
+            "the calibration JSON has no fp32 throughput of extract / grad_scores / PCA "
+            "stages (run benchmarks/gpu_check.sh to the end)"
+        )
     return out
 
 
@@ -960,8 +990,10 @@ def render(plan: dict) -> str:
         f"(incl. lift, worst case): {plan['pca_passes']}",
         "",
     ]
-    hdr = (f"{'stage':24s} {'jobs':>6s} {'written':>10s} {'GPU mem/job':>12s} {'host mem/job':>13s} "
-           f"{'PFLOP':>9s} {'time':>10s}")
+    hdr = (
+        f"{'stage':24s} {'jobs':>6s} {'written':>10s} {'GPU mem/job':>12s} {'host mem/job':>13s} "
+        f"{'PFLOP':>9s} {'time':>10s}"
+    )
     lines += [hdr, "-" * len(hdr)]
     for name, st in plan["stages"].items():
         lines.append(

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +47,14 @@ def atomic_group(path, attrs: dict | None = None):
 
 
 def put_array(group, name: str, values: np.ndarray, chunk_bytes: int = 1 << 25) -> None:
-    """Create and fill an array; row chunks of about ``chunk_bytes`` (32 MiB)."""
+    """Create and fill an array; row chunks of about ``chunk_bytes`` (32 MiB).
+
+    Floating-point arrays (bases, partials, statistics, Krylov records: the bulk of the
+    subspace stage's bytes) are stored without zstd, with the per-chunk CRC-32C only: zstd
+    gains little on float data (7-35% here, depending on how many exact zeros the
+    gradients have), costs more CPU than the write itself (about 100 MB/s per core), and
+    makes the bytes a stage writes depend on the data, where `gradspace plan` states them
+    exactly (P x K' x 4 bytes for V). Integer arrays (sample indices) keep zstd."""
     values = np.asarray(values)
     if values.ndim:
         row_bytes = max(1, int(np.prod(values.shape[1:], dtype=np.int64)) * values.itemsize)
@@ -54,8 +62,11 @@ def put_array(group, name: str, values: np.ndarray, chunk_bytes: int = 1 << 25) 
         chunks = (rows,) + values.shape[1:]
     else:
         chunks = ()
+    codecs = checksum_compressors()
+    if np.issubdtype(values.dtype, np.floating):
+        codecs = codecs[1:]  # CRC-32C only
     arr = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks, fill_value=0,
-                              compressors=checksum_compressors())
+                              compressors=codecs)
     if values.size:
         arr[...] = values
 
@@ -136,8 +147,11 @@ def release_consumed(paths, why: str = "") -> int:
     ``iterations: auto`` PCA is the whole iteration: without this, every pass's basis and
     partials would stay on disk until the last pass. A job therefore releases what its
     predecessors consumed: the reduce of pass t the basis V_t (read only by the pass-t
-    jobs), the first jobs of pass t+1 (and the lift) the parts of pass t (read only by
-    the reduce of pass t), the projection jobs the AG partials. The paths stay temp() in
+    jobs), the first jobs of pass t+1 the parts of pass t (read only by the reduce of pass
+    t), and the AG reduce its own partials when it is done. The parts of the last pass are
+    left to Snakemake, which deletes them as soon as the last checkpoint has run: a job
+    deleting them as well would race Snakemake's own deletion (which then fails and stops
+    the run). The paths stay temp() in
     the rules, so a missing one is never a reason to rerun. ``GRADSPACE_KEEP_CONSUMED=1``
     keeps them (debugging; the storage test uses it with ``--notemp``)."""
     import logging
@@ -146,14 +160,19 @@ def release_consumed(paths, why: str = "") -> int:
         return 0
     freed = 0
     for p in map(Path, paths or []):
-        if not p.exists():
+        # rename first (atomic), then delete the renamed copy: several jobs of a pass
+        # release the same paths, and none may see a half-deleted store under its name
+        trash = p.with_name(f".{p.name}.released-{uuid.uuid4().hex[:12]}")
+        try:
+            os.rename(p, trash)
+        except FileNotFoundError:
             continue
-        if p.is_dir():
-            freed += sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-            shutil.rmtree(p, ignore_errors=True)
+        if trash.is_dir():
+            freed += sum(f.stat().st_size for f in trash.rglob("*") if f.is_file())
+            shutil.rmtree(trash, ignore_errors=True)
         else:
-            freed += p.stat().st_size
-            p.unlink(missing_ok=True)
+            freed += trash.stat().st_size
+            trash.unlink(missing_ok=True)
     if freed:
         logging.getLogger(__name__).info("released %.1f MB of consumed temporary outputs%s", freed / 1e6,
                                          f" ({why})" if why else "")
