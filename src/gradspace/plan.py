@@ -446,7 +446,9 @@ class Planner:
         self.device, self.dev, self.gpus = device, DEVICES[device], max(1, int(gpus))
         self.cal = json.loads(json.dumps(CALIBRATION))
         self.calibrated = device == "cpu"
-        if calibration:
+        if calibration and calibration.get("host"):
+            self.cal.update(calibration["host"])
+        if calibration and (calibration.get("stages") or calibration.get("efficiency")):
             eff = (
                 efficiency_from_gpu_check(calibration, device)
                 if "stages" in calibration
@@ -1025,6 +1027,16 @@ def _cmd_plan(a) -> int:
     if a.calibration:
         with open(a.calibration) as fh:
             calib = json.load(fh)
+    if a.host_gflops or a.io_mbps:
+        calib = dict(calib or {})
+        calib["host"] = {
+            k: v
+            for k, v in (
+                ("host_linalg_flops", a.host_gflops and a.host_gflops * 1e9),
+                ("io_bytes_per_s", a.io_mbps and a.io_mbps * 1e6),
+            )
+            if v
+        }
     plan = make_plan(cfg, a.device, a.gpus, sizes, calib, Path(a.results) if a.results else None)
     if a.json:
         print(json.dumps(plan, indent=1, sort_keys=True))
@@ -1059,6 +1071,19 @@ def register(sub) -> None:
     p.add_argument("--results", default=None, help="results/<experiment> of an earlier run (exact sizes)")
     p.add_argument(
         "--calibration", default=None, help="JSON from benchmarks/gpu_check.sh (measured efficiency)"
+    )
+    p.add_argument(
+        "--host-gflops",
+        type=float,
+        default=None,
+        help="float64 linear algebra rate of the CPU nodes that run the reduces (GFLOP/s; "
+        "default: measured on this project's 2-core machine)",
+    )
+    p.add_argument(
+        "--io-mbps",
+        type=float,
+        default=None,
+        help="store read/write throughput (MB/s; default: measured here)",
     )
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--max-disk", default=None, help="fail when the peak disk in use exceeds this (e.g. 2T)")
