@@ -40,3 +40,20 @@ def test_bad_input_exits_2_with_message(tmp_path, capsys):
 def test_params_must_be_json_object():
     with pytest.raises(argparse.ArgumentTypeError):
         cli.json_arg("[1, 2]")
+
+
+def test_runtime_settings_round_trip_through_params():
+    from gradspace import params
+
+    env = {}
+    params.export_runtime_settings({"device": "cpu", "num_workers": 2, "precision": "fp32"}, env)
+    assert params.read_runtime_settings(env) == {"device": "cpu", "num_workers": 2}
+    assert cli.RUNTIME_ENV == params.RUNTIME_ENV and cli.json_arg is params.json_arg
+
+
+def test_bad_runtime_env_exits_2_naming_it(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv(cli.RUNTIME_ENV, "{not json")
+    rc = cli.main(["evaluate", "--scores", str(tmp_path / "id_test.npy"), str(tmp_path / "t.npy"),
+                   "--out-csv", str(tmp_path / "m.csv")])
+    assert rc == 2
+    assert "GRADSPACE_RUNTIME" in capsys.readouterr().err

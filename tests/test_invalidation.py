@@ -31,8 +31,8 @@ def test_detector_hyperparameter_reruns_only_that_detector(tiny_workdir):
     name = write_config(tiny_workdir, "c_det.yaml",
                         lambda c: c["detectors"]["energy"].update(temperature=2.0))
     jobs = planned_jobs(tiny_workdir, name)
-    assert rules(jobs) == Counter({"fit_detector": 1, "score_detector": 3, "evaluate": 1, "report": 1,
-                                   "all": 1})
+    assert rules(jobs) == Counter({"fit_detector": 1, "score_detector": 3, "evaluate": 1, "findings": 1,
+                                   "report": 1, "all": 1})
     assert {w.get("detector") for r, w in jobs if r in ("fit_detector", "score_detector")} == {"energy"}
 
 
@@ -52,7 +52,7 @@ def test_new_ood_dataset_adds_only_its_jobs(tiny_workdir):
             assert wc.get("dataset") == "photos", (rule, wc)
     # only aggregates over all datasets run again besides the new set's own jobs
     assert set(rules(jobs)) <= per_dataset | {"subspace_diagnostics", "gradient_diagnostics",
-                                               "timing_tables", "evaluate", "report", "all"}
+                                               "timing_tables", "evaluate", "findings", "report", "all"}
     n_feature = len(yaml.safe_load(TINY.read_text())["detectors"])
     counts = rules(jobs)
     assert counts["prepare"] == 1 and counts["extract"] == 1 and counts["project"] == 2
@@ -108,6 +108,25 @@ def test_runtime_settings_do_not_rerun_anything(tiny_workdir):
 
 def test_code_version_bump_reruns_that_stage_and_downstream(tiny_workdir):
     jobs = planned_jobs(tiny_workdir, env={"GRADSPACE_CODE_VERSIONS": json.dumps({"evaluate": 2})})
-    assert rules(jobs) == Counter({"evaluate": 1, "report": 1, "all": 1})
+    assert rules(jobs) == Counter({"evaluate": 1, "findings": 1, "report": 1, "all": 1})
     counts = rules(planned_jobs(tiny_workdir, env={"GRADSPACE_CODE_VERSIONS": json.dumps({"project": 2})}))
     assert counts["project"] > 0 and counts["extract"] == 0 and counts["pca_pass"] == 0
+
+
+def test_gradients_strategy_reruns_the_gradient_pass_not_the_subspace(tiny_workdir):
+    """gradients.strategy reaches grad_scores only; the subspace jobs take subspace.strategy."""
+    name = write_config(tiny_workdir, "c_gs.yaml", lambda c: c["gradients"].update(strategy="loop"))
+    counts = rules(planned_jobs(tiny_workdir, name))
+    assert counts["grad_scores"] > 0
+    for rule in ("gradstats_partial", "ag_partial", "pca_init", "pca_pass", "pca_lift", "project",
+                 "gradient_diagnostics", "fit_grad_detector"):
+        assert counts[rule] == 0, rule
+
+
+def test_subspace_strategy_reruns_the_subspace_not_the_gradient_pass(tiny_workdir):
+    name = write_config(tiny_workdir, "c_ss.yaml", lambda c: c["subspace"].update(strategy="loop"))
+    counts = rules(planned_jobs(tiny_workdir, name))
+    for rule in ("gradstats_partial", "ag_partial", "pca_pass", "project", "gradient_diagnostics"):
+        assert counts[rule] > 0, rule
+    for rule in ("grad_scores", "extract", "train", "fit_detector"):
+        assert counts[rule] == 0, rule

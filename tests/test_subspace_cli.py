@@ -158,6 +158,29 @@ def test_bad_input_exit_2(setup, capsys):
     code = main(["gradstats-partial", "--model", str(r / "model.pt"), "--data-dir", str(r / "id_train"),
                  "--shards", "0", "--params", json.dumps({**P, "bogus": 1}), "--out", str(r / "x.npz")])
     assert code == 2 and "bogus" in capsys.readouterr().err
-    code = main(["pca-init", "--stats", str(r / "missing.zarr"), "--out", str(r / "v.zarr")])
+    init = '{"k": 4, "oversample": 4, "seed": 0}'
+    code = main(["pca-init", "--stats", str(r / "missing.zarr"), "--params", init,
+                 "--out", str(r / "v.zarr")])
     assert code == 2 and "missing.zarr" in capsys.readouterr().err
     assert not (r / "x.npz").exists() and not (r / "v.zarr").exists()
+
+
+@pytest.mark.parametrize("command,params,missing", [
+    ("pca-init", {"k": 4, "seed": 0}, "'oversample'"),
+    ("pca-init", {}, "'k', 'oversample', 'seed'"),
+    ("pca-solver", {"solver": "auto", "exact_max_gib": 8.0}, "'k'"),
+])
+def test_k_comes_from_params_only(tmp_path, capsys, command, params, missing):
+    """subspace.k reaches the PCA jobs one way, their --params: no second default (issue 11)."""
+    code = main([command, "--stats", str(tmp_path / "stats.zarr"), "--params", json.dumps(params),
+                 "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{command} --params: missing key(s) {missing}" in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_pca_exact_requires_k(tmp_path, capsys):
+    code = main(["pca-exact", "--model", str(tmp_path / "m.pt"), "--data-dir", str(tmp_path / "d"),
+                 "--stats", str(tmp_path / "s.zarr"), "--shards", "0",
+                 "--params", json.dumps({"exact_max_gib": 1.0, "tol": None}), "--out", str(tmp_path / "o")])
+    assert code == 2 and "pca-exact --params: missing key(s) 'k'" in capsys.readouterr().err

@@ -119,3 +119,56 @@ def test_ensemble():
     np.testing.assert_allclose(ensemble_scores(f, b, 2.0), [2.0, 0.0])
     with pytest.raises(DataError):
         ensemble_scores(f, b[:1])
+
+
+# -- parse-time d check (issue 11) ------------------------------------------------------------
+
+def test_reduced_dims_pca_k_and_ag_rank_bound():
+    from gradspace.subspace.detectors import reduced_dims
+
+    assert reduced_dims(["pca", "ag"], 32, 10) == {"pca": 32, "ag": 9}
+    assert reduced_dims(["ag"], 32, 10, centred=False) == {"ag": 10}
+    assert reduced_dims(["ag"], 32, 10, orthonormalize=False) == {"ag": 10}
+    with pytest.raises(ConfigError, match="nosuch"):
+        reduced_dims(["nosuch"], 8, 10)
+
+
+def test_check_dims_d_above_k_is_an_error_naming_detector_d_and_k():
+    from gradspace.subspace.detectors import check_dims
+
+    dets = {"react": {"method": "grad_react", "d": 40}, "knn": {"method": "grad_knn", "k": 10}}
+    with pytest.raises(ConfigError, match=r"subspace\.detectors\.react \(grad_react\): d = 40.*PCA.*"
+                                          r"subspace\.k = 32"):
+        check_dims(dets, ["pca", "ag"], 32, 10)
+    # the default d (50) counts when d is not given
+    with pytest.raises(ConfigError, match=r"bats \(grad_bats\): d = 50"):
+        check_dims({"bats": {"method": "grad_bats"}}, ["pca"], 20, 10)
+    with pytest.raises(ConfigError, match="d must be >= 1"):
+        check_dims({"react": {"method": "grad_react", "d": 0}}, ["pca"], 20, 10)
+    assert check_dims(dets, ["ag"], 32, 100) == []  # no PCA: k does not bound d
+    assert check_dims({"react": {"method": "grad_react", "d": 32}}, ["pca"], 32, 10) == []
+
+
+def test_check_dims_d_above_ag_dimension_is_capped_with_a_warning():
+    from gradspace.subspace.detectors import check_dims
+
+    dets = {"react": {"method": "grad_react", "d": 16}, "bats": {"method": "grad_bats", "d": 9},
+            "msp": {"method": "grad_msp"}}
+    warnings = check_dims(dets, ["pca", "ag"], 32, 10)  # the demo: k 32, 10 classes
+    assert len(warnings) == 1
+    assert "subspace.detectors.react" in warnings[0] and "d = 16" in warnings[0]
+    assert "AG" in warnings[0] and "9" in warnings[0] and "clips all 9" in warnings[0]
+    assert len(check_dims(dets, ["ag"], 32, 10, centred=False)) == 1  # 16 > C = 10
+    assert check_dims(dets, ["ag"], 32, 17) == []
+
+
+def test_capped_d_clips_every_dimension_as_the_check_says():
+    """The run-time behaviour the AG warning describes: d > K clips all K dimensions."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((200, 5))
+    y = np.arange(200) % 3
+    a = build_detector("grad_react", {"d": 50, "epochs": 1})
+    b = build_detector("grad_react", {"d": 5, "epochs": 1})
+    for det in (a, b):
+        det.fit({"reduced": X, "labels": y}, FitContext(num_classes=3, seed=0))
+    np.testing.assert_array_equal(a.score({"reduced": X}), b.score({"reduced": X}))

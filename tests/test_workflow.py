@@ -123,3 +123,14 @@ def test_slurm_profile_plans_the_real_workflow(tmp_path):
     evaluate = next(b for b in blocks if "rule evaluate:" in b)
     assert "gpu=1" in extract and "slurm_partition=gpu" in extract
     assert "gpu=" not in evaluate
+
+
+def test_grad_detector_d_above_k_is_named_at_parse_time(tmp_path):
+    """subspace.detectors' d is checked against subspace.k before any job starts (issue 11)."""
+    cfg = TINY.read_text().replace("react: {method: grad_react, d: 4,", "react: {method: grad_react, d: 12,")
+    assert "d: 12" in cfg
+    (tmp_path / "config.yaml").write_text(cfg)
+    proc = run_snakemake(tmp_path, "--configfile", "config.yaml", "-n", check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "subspace.detectors.react (grad_react): d = 12" in out and "subspace.k = 8" in out, out[-3000:]

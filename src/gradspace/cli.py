@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import sys
 
 from .errors import GradspaceError
+
+# The library side of the workflow handoff lives in gradspace.params (library modules and
+# the workflow import it from there, never from this module); re-exported for callers.
+from .params import (  # noqa: F401
+    RUNTIME_ENV,
+    RUNTIME_KEYS,
+    export_runtime_settings,
+    json_arg,
+    merge_runtime_settings,
+    read_runtime_settings,
+)
 
 COMMAND_MODULES = [
     "gradspace.data.prepare",
@@ -22,6 +32,7 @@ COMMAND_MODULES = [
     "gradspace.extract",
     "gradspace.detectors.commands",
     "gradspace.metrics",
+    "gradspace.findings",
     "gradspace.report",
     "gradspace.grads.commands",
     "gradspace.subspace.commands",
@@ -42,6 +53,7 @@ COMMANDS = {
     "fit": "gradspace.detectors.commands",
     "score": "gradspace.detectors.commands",
     "evaluate": "gradspace.metrics",
+    "findings": "gradspace.findings",
     "report": "gradspace.report",
     "grad-scores": "gradspace.grads.commands",
     "timing-tables": "gradspace.timing",
@@ -56,49 +68,19 @@ COMMANDS = {
 }
 
 
-def json_arg(text: str) -> dict:
-    """argparse type for --params: a JSON object."""
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
-
-
-RUNTIME_ENV = "GRADSPACE_RUNTIME"
-RUNTIME_KEYS = ("device", "batch_size", "num_workers")
-
-
-def export_runtime_settings(compute: dict) -> None:
-    """Put the speed-only compute settings into $GRADSPACE_RUNTIME (called by the workflow)."""
-    os.environ[RUNTIME_ENV] = json.dumps({k: compute[k] for k in RUNTIME_KEYS if k in compute},
-                                         sort_keys=True)
-
-
 def _merge_runtime_settings(args) -> None:
     """Fill device/batch_size/num_workers into --params/--compute from $GRADSPACE_RUNTIME.
 
     These settings change how fast a job runs, not what it writes, so the workflow
     hands them over through the environment rather than as rule params: changing them
-    must not make Snakemake rerun finished jobs. Explicit values on the command line win.
-    A subcommand names the options that take them with
+    must not make Snakemake rerun finished jobs (``gradspace.params``). Explicit values
+    on the command line win. A subcommand names the options that take them with
     ``parser.set_defaults(runtime_into=("params",))``; the default is ``--compute``.
     """
-    raw = os.environ.get(RUNTIME_ENV)
-    if not raw:
-        return
-    try:
-        runtime = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: ${RUNTIME_ENV} is not valid JSON: {exc}") from exc
-    for attr in getattr(args, "runtime_into", ("compute",)):
-        value = getattr(args, attr, None)
-        if isinstance(value, dict):
-            for key in RUNTIME_KEYS:
-                if key in runtime and key not in value:
-                    value[key] = runtime[key]
+    runtime = read_runtime_settings()
+    if runtime:
+        targets = (getattr(args, attr, None) for attr in getattr(args, "runtime_into", ("compute",)))
+        merge_runtime_settings([t for t in targets if isinstance(t, dict)], runtime)
 
 
 def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
@@ -131,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if threads:  # read by torch/numpy when (and if) they are imported
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
             os.environ[var] = threads
-    _merge_runtime_settings(args)
     try:
+        _merge_runtime_settings(args)
         args.func(args)
     except GradspaceError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -230,7 +230,7 @@ def extract_shard(model_path, data_dir, shard: int, out, params: dict | None = N
 
 
 def register(subparsers) -> None:
-    from .cli import json_arg
+    from .params import json_arg
 
     p = subparsers.add_parser(
         "extract", help="forward pass over one shard -> embedding store (logits, features, ...)",

@@ -37,14 +37,17 @@ between points. This equals OpenOOD's ``fpr[np.argmax(tpr >= 0.95)]``.
 
 CSV output (``metrics.csv``): one row per (space, detector, OOD set) plus one row with
 ``ood_dataset == "average"`` per (space, detector) holding the unweighted mean over the
-OOD sets (``n_ood`` = the total number of OOD samples). Columns:
+OOD sets (``n_ood`` = the total number of OOD samples). With OOD set groups (``--groups``,
+config ``metrics.groups``, e.g. OpenOOD's near-OOD and far-OOD) each (space, detector) also
+gets one row per group, ``ood_dataset == "average:<group>"``, the unweighted mean over the
+group's sets (written after the "average" row; without groups there are none). Columns:
 
     detector      detector instance name (score path component)
     method        detector method (registry key), from --detectors (default: the name)
     embedding     "feature", "gradient", ... from --detectors (default: "feature" for
                   space "feature", else the space name)
     space         score space (path component: feature, pca, ag, ...)
-    ood_dataset   OOD set name, or "average"
+    ood_dataset   OOD set name, "average", or "average:<group>"
     fpr95, auroc, aupr_in, aupr_out   fractions in [0, 1] (NOT percent)
     n_id, n_ood   number of ID / OOD samples
     id_dataset    the ID dataset used as the in-distribution test set
@@ -75,6 +78,8 @@ METRIC_NAMES = ("fpr95", "auroc", "aupr_in", "aupr_out")
 CSV_COLUMNS = ("detector", "method", "embedding", "space", "ood_dataset", "fpr95", "auroc",
                "aupr_in", "aupr_out", "n_id", "n_ood", "id_dataset", "positive")
 AVERAGE = "average"
+#: prefix of a group average's ood_dataset value: "average:near"
+GROUP_PREFIX = AVERAGE + ":"
 CONVENTIONS = ("id", "ood")
 #: datasets never treated as OOD sets by default
 DEFAULT_EXCLUDE = ("id_train",)
@@ -224,10 +229,31 @@ def _detector_info(detectors: Mapping, space: str, detector: str) -> tuple[str, 
     return method, str(embedding)
 
 
+def check_groups(groups: Mapping | None, oods: Sequence[str]) -> dict[str, list[str]]:
+    """Validate OOD set groups {group: [set, ...]} against the OOD sets of a run."""
+    if not groups:
+        return {}
+    if not isinstance(groups, Mapping):
+        raise ConfigError(f"--groups: expected a JSON object {{group: [OOD set, ...]}}, got {groups!r}")
+    out = {}
+    for name, members in groups.items():
+        if not isinstance(name, str) or not name or ":" in name:
+            raise ConfigError(f"--groups: group name {name!r} must be a non-empty string without ':'")
+        if (isinstance(members, str) or not isinstance(members, Sequence) or not members
+                or not all(isinstance(m, str) for m in members)):
+            raise ConfigError(f"--groups: group '{name}' must list OOD set names, got {members!r}")
+        unknown = [m for m in members if m not in oods]
+        if unknown:
+            raise ConfigError(f"metrics.groups: group '{name}' lists {unknown}, which are not OOD "
+                              f"sets of this run (OOD sets: {list(oods)})")
+        out[name] = list(dict.fromkeys(members))
+    return out
+
+
 def evaluate(score_paths: Sequence[str | os.PathLike], id_dataset: str = "id_test",
              detectors: Mapping | None = None, positive: str = "id",
              ood_datasets: Sequence[str] | None = None,
-             exclude: Sequence[str] = DEFAULT_EXCLUDE):
+             exclude: Sequence[str] = DEFAULT_EXCLUDE, groups: Mapping | None = None):
     """Metrics for every (space, detector) over every OOD set -> pandas DataFrame.
 
     ``score_paths`` are ``.../scores/<space>/<detector>/<dataset>.npy``. For each
@@ -235,6 +261,7 @@ def evaluate(score_paths: Sequence[str | os.PathLike], id_dataset: str = "id_tes
     (except ``exclude``) is an OOD set, or exactly ``ood_datasets`` when given (in that
     order). Every detector must have a score file for every OOD set. Rows come in the
     order of ``detectors`` (when given) and then of first appearance in ``score_paths``.
+    ``groups`` {name: [OOD set, ...]} adds one "average:<name>" row per detector and group.
     """
     import pandas as pd
 
@@ -262,6 +289,7 @@ def evaluate(score_paths: Sequence[str | os.PathLike], id_dataset: str = "id_tes
     if not oods:
         raise DataError(f"no OOD score files among the inputs (ID dataset '{id_dataset}', "
                         f"datasets seen: {seen_datasets})")
+    groups = check_groups(groups, oods)
 
     order = {name: i for i, name in enumerate(detectors)}
     keys = sorted(files, key=lambda k: (order.get(f"{k[0]}/{k[1]}", order.get(k[1], len(order))),))
@@ -290,6 +318,12 @@ def evaluate(score_paths: Sequence[str | os.PathLike], id_dataset: str = "id_tes
         rows.append({**base, "ood_dataset": AVERAGE, **avg, "n_id": int(s_id.size),
                      "n_ood": int(sum(r["n_ood"] for r in det_rows)), "id_dataset": id_dataset,
                      "positive": positive})
+        for gname, members in groups.items():
+            g_rows = [r for r in det_rows if r["ood_dataset"] in members]
+            g_avg = {k: float(np.mean([r[k] for r in g_rows])) for k in METRIC_NAMES}
+            rows.append({**base, "ood_dataset": GROUP_PREFIX + gname, **g_avg,
+                         "n_id": int(s_id.size), "n_ood": int(sum(r["n_ood"] for r in g_rows)),
+                         "id_dataset": id_dataset, "positive": positive})
     return pd.DataFrame(rows, columns=list(CSV_COLUMNS))
 
 
@@ -334,9 +368,67 @@ def _ordered_unique(values) -> list:
     return list(dict.fromkeys(values))
 
 
+def is_average(name: str) -> bool:
+    """True for the overall average row and the group averages ("average:<group>")."""
+    return name == AVERAGE or str(name).startswith(GROUP_PREFIX)
+
+
 def ood_sets(df) -> list[str]:
-    """OOD set names in file order, without the average."""
-    return [d for d in _ordered_unique(df["ood_dataset"]) if d != AVERAGE]
+    """OOD set names in file order, without the averages."""
+    return [d for d in _ordered_unique(df["ood_dataset"]) if not is_average(d)]
+
+
+def group_averages(df) -> list[str]:
+    """The group average names ("average:<group>") in file order; [] without groups."""
+    return [d for d in _ordered_unique(df["ood_dataset"]) if str(d).startswith(GROUP_PREFIX)]
+
+
+def average_label(name: str) -> str:
+    """Column label of an average: "Average" or "<group> avg" (OpenOOD: "Near-OOD avg")."""
+    if name == AVERAGE:
+        return "Average"
+    if str(name).startswith(GROUP_PREFIX):
+        return f"{name[len(GROUP_PREFIX):]} avg"
+    return str(name)
+
+
+def table_columns(df) -> list[str]:
+    """ood_dataset values of the paper table's columns: sets, group averages, average."""
+    return ood_sets(df) + group_averages(df) + [AVERAGE]
+
+
+def group_table(df):
+    """OpenOOD-style summary: per detector the FPR95 / AUROC of each group average and of
+    the overall average, as (header, rows, bold); None when metrics.csv has no groups."""
+    if not group_averages(df):
+        return None
+    return paper_table(df[df["ood_dataset"].map(is_average)], "detector")
+
+
+def auroc_spread(df, column: str = AVERAGE) -> tuple[float, float, str, str] | None:
+    """(min, max, argmin label, argmax label) of AUROC across detectors for one
+    ood_dataset value (an OOD set or an average), or None when absent."""
+    sub = df[df["ood_dataset"] == column]
+    if len(sub) == 0:
+        return None
+    lo, hi = sub["auroc"].idxmin(), sub["auroc"].idxmax()
+    return (float(sub.loc[lo, "auroc"]), float(sub.loc[hi, "auroc"]),
+            display_name(sub.loc[lo, "detector"], sub.loc[lo, "space"]),
+            display_name(sub.loc[hi, "detector"], sub.loc[hi, "space"]))
+
+
+def spread_lines(df) -> list[str]:
+    """One Markdown bullet per group average and the overall average: the AUROC range
+    across detectors (how well the benchmark separates methods)."""
+    out = []
+    for col in group_averages(df) + [AVERAGE]:
+        sp = auroc_spread(df, col)
+        if sp is None:
+            continue
+        lo, hi, lo_name, hi_name = sp
+        out.append(f"- AUROC spread across detectors, {average_label(col)}: {pct(lo)} "
+                   f"(`{lo_name}`) to {pct(hi)} (`{hi_name}`): {100 * (hi - lo):.2f} points")
+    return out
 
 
 def paper_table(df, layout: str = "detector"):
@@ -350,7 +442,7 @@ def paper_table(df, layout: str = "detector"):
     ``bold[i][j]`` marks the best FPR95 (lowest) and/or AUROC (highest) of a column
     as (fpr_best, auroc_best).
     """
-    sets = ood_sets(df) + [AVERAGE]
+    sets = table_columns(df)
     lookup = {(r.space, r.detector, r.ood_dataset): r for r in df.itertuples(index=False)}
     dets = _ordered_unique(zip(df["space"], df["detector"], strict=True))
     meta = {(r.space, r.detector): (r.method, r.embedding) for r in df.itertuples(index=False)}
@@ -383,7 +475,7 @@ def paper_table(df, layout: str = "detector"):
     else:
         raise ValueError(f"unknown layout {layout!r}")
 
-    header = header + [("Average" if s == AVERAGE else s) + " FPR95↓ / AUROC↑" for s in sets]
+    header = header + [average_label(s) + " FPR95↓ / AUROC↑" for s in sets]
     fpr = np.array([[lookup[(s, d, o)].fpr95 if (s, d, o) in lookup else np.nan for o in sets]
                     for s, d in row_keys])
     auc = np.array([[lookup[(s, d, o)].auroc if (s, d, o) in lookup else np.nan for o in sets]
@@ -464,11 +556,20 @@ def render_markdown(df, card: Mapping | None = None, title: str = "OOD detection
     acc = card_id_accuracy(card)
     out = [f"# {title}", ""]
     out.append(f"- ID dataset: `{id_ds}`; OOD sets: {', '.join(f'`{s}`' for s in ood_sets(df))}")
+    groups = group_averages(df)
+    if groups:
+        out.append("- OOD groups, averaged separately (OpenOOD style): "
+                   + ", ".join(f"`{g[len(GROUP_PREFIX):]}`" for g in groups))
     out.append(f"- ID accuracy: {acc:.2f}%" if acc is not None else "- ID accuracy: n/a")
     if card:
         out.append(f"- Model: {card_summary(card)}")
     out.append(f"- {convention_text(positive)}")
     out.append("- All values in percent; best per column in bold. metrics.csv holds fractions.")
+    gt = group_table(df)
+    if gt is not None:
+        out += ["", "## Averages per OOD group", "", f"*{card_summary(card)}*", ""]
+        out += [markdown_table(*gt), ""]
+        out += spread_lines(df)
     out += ["", "## FPR95 / AUROC per OOD set", "", f"*{card_summary(card)}*", ""]
     header, rows, bold = paper_table(df, "detector")
     out += [markdown_table(header, rows, bold), ""]
@@ -505,9 +606,10 @@ def _cmd_evaluate(args) -> None:
     if not isinstance(detectors, dict):
         raise ConfigError("--detectors: expected a JSON object {name: {method, embedding}}")
     card = read_card(args.card)
+    groups = load_json_arg(args.groups, "--groups") or {}
     df = evaluate(args.scores, id_dataset=args.id_dataset, detectors=detectors,
                   positive=args.positive, ood_datasets=args.ood_datasets,
-                  exclude=args.exclude)
+                  exclude=args.exclude, groups=groups)
     md = render_markdown(df, card, title=args.title)
     write_text_atomic(args.out_csv, metrics_csv_text(df))
     if args.out_md:
@@ -533,6 +635,9 @@ def register(subparsers) -> None:
                    help='JSON object (inline or a file path): {"<name>" or "<space>/<name>": '
                         '{"method": ..., "embedding": ...}}')
     p.add_argument("--card", default=None, help="model card JSON (ID accuracy for the Markdown)")
+    p.add_argument("--groups", default=None,
+                   help='JSON object (inline or a file path): {"<group>": ["<OOD set>", ...]}, '
+                        'e.g. {"near": [...], "far": [...]}: one "average:<group>" row each')
     p.add_argument("--positive", choices=CONVENTIONS, default="id",
                    help="id: ID positive (papers, default); ood: OOD positive (OpenOOD)")
     p.add_argument("--title", default="OOD detection metrics", help="Markdown title")

@@ -130,6 +130,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 # Stages whose jobs never import torch (they start faster and smaller).
 NUMPY_STAGES = {
+    "findings",
     "score_detector",
     "evaluate",
     "timing_tables",
@@ -579,6 +580,8 @@ class Planner:
             150.0 * n_files + 5e3,
             0.16e9 + 16.0 * sum(sz.values()),  # pandas + matplotlib
         )
+        # reads metrics.csv (and the reconstruction tables), writes findings.csv / .md
+        self.stage("findings").add_job(2e3, 0.16e9)
         if spaces:
             self.stage("timing_tables").add_job(2e3, self.cal["host_base_numpy"])
         self.stage("report").add_job(5e5 + 1.3e4 * n_files, 2e8)

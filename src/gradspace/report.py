@@ -60,13 +60,14 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 from .metrics import (
-    AVERAGE,
     CONVENTIONS,
     card_id_accuracy,
     card_summary,
     convention_text,
     display_name,
     full_table,
+    group_averages,
+    group_table,
     load_json_arg,
     load_scores,
     ood_sets,
@@ -74,6 +75,8 @@ from .metrics import (
     parse_score_path,
     read_card,
     read_metrics,
+    spread_lines,
+    table_columns,
 )
 
 log = logging.getLogger(__name__)
@@ -459,8 +462,9 @@ def _colors(n: int):
 
 
 def heatmap_figure(df) -> bytes:
-    """AUROC (left) and FPR95 (right) in percent: rows detectors, columns OOD sets + average."""
-    sets = ood_sets(df) + [AVERAGE]
+    """AUROC (left) and FPR95 (right) in percent: rows detectors, columns OOD sets, group
+    averages (if any) and the average."""
+    sets = table_columns(df)
     dets = list(dict.fromkeys(zip(df["space"], df["detector"], strict=True)))
     lookup = {(r.space, r.detector, r.ood_dataset): r for r in df.itertuples(index=False)}
     labels = [display_name(d, s) for s, d in dets]
@@ -536,6 +540,16 @@ def build_report(metrics_path, card_path=None, score_paths=(), benchmark_paths=(
     if card:
         rows = [[str(k), _fmt_value(v)] for k, v in card.items()]
         section("card", "Model card", html_table(["key", "value"], rows, left_cols=2))
+
+    gt = group_table(df)
+    if gt is not None:
+        names = ", ".join(g.split(":", 1)[1] for g in group_averages(df))
+        section("group-table", "Averages per OOD group",
+                f'<p class="caption">{_esc(card_summary(card))}. Unweighted mean over the OOD '
+                f"sets of each group ({_esc(names)}), reported separately as OpenOOD does for "
+                "near- and far-OOD; percent, best per column in bold.</p>",
+                html_table(*gt, left_cols=3),
+                markdown_to_html("\n".join(spread_lines(df))))
 
     header, rows, bold = paper_table(df, "detector")
     section("paper-table", "FPR95 / AUROC per OOD set",

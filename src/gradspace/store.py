@@ -329,7 +329,7 @@ def check_shard_set(paths: Sequence[str | os.PathLike], expected: int | None = N
                              f"{p} for {lay.get('shards')} shards of {lay.get('n')} rows; {hint}")
     found = int(first["shards"])
     if expected is None:  # inside the workflow: the config's count ($GRADSPACE_SHARDS)
-        from .data.manifest import expected_shards
+        from .params import expected_shards
 
         expected = expected_shards(name)
     want = len(paths) if expected is None else int(expected)

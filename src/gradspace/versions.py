@@ -26,6 +26,7 @@ STAGE_VERSIONS = {
     "subspace": 2,
     "project": 1,
     "evaluate": 1,
+    "findings": 1,
     "report": 1,
 }
 

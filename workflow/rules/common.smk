@@ -7,7 +7,7 @@ import json
 import shlex
 
 from gradspace import __version__ as GRADSPACE_VERSION
-from gradspace.cli import export_runtime_settings
+from gradspace.params import export_runtime_settings
 from gradspace.detectors.base import get_detector
 from gradspace.errors import ConfigError
 from gradspace.versions import code_version
@@ -90,7 +90,7 @@ export_runtime_settings(config["compute"])
 # naming the dataset and both counts (gradspace.data.manifest.check_shard_request,
 # gradspace.store.check_shard_set), instead of mixing layouts.
 import os as _os
-from gradspace.data.manifest import SHARDS_ENV
+from gradspace.params import SHARDS_ENV
 
 _os.environ[SHARDS_ENV] = json.dumps({ds: n_shards(ds) for ds in DATASETS}, sort_keys=True)
 
@@ -185,12 +185,29 @@ SPACES = list(SUB["types"]) if SUB["enabled"] else []
 STATS = f"{R}/subspace/stats/stats.zarr"
 THREADS = config["compute"]["threads"]
 GRAD_DETECTORS = _detector_table(SUB["detectors"]) if SPACES else {}
+
+
+def _check_subspace_config():
+    """Parse-time checks of the subspace settings that reach the jobs (issue 11)."""
+    from snakemake.logging import logger
+    from gradspace.subspace.detectors import check_dims
+
+    # subspace.detectors' d (grad_react, grad_bats) against each space's dimension: an error
+    # above subspace.k, capped with a warning above the AG dimension (C - 1 or C)
+    for msg in check_dims(SUB["detectors"], SPACES, SUB["k"], config["data"]["id"]["num_classes"],
+                          centred=SUB["normalize"]["mean"], orthonormalize=SUB["ag"]["orthonormalize"]):
+        logger.warning(f"gradspace: {msg}")
+
+
+if SPACES:
+    _check_subspace_config()
+
 ENSEMBLE = [d for d in SUB["ensemble"]["detectors"] if d in GRAD_DETECTORS and d in DETECTORS]
 
 
 def subspace_grad_params(stats=False):
     """Params of the subspace commands that run per-sample gradients."""
-    p = {**norm_params(), "chunk_size": SUB["chunk_size"], "strategy": config["gradients"]["strategy"],
+    p = {**norm_params(), "chunk_size": SUB["chunk_size"], "strategy": SUB["strategy"],
          "direction_chunk": SUB["direction_chunk"], "precision": config["compute"]["precision"]}
     if stats:  # the selection is fixed by the statistics; later commands read it from there
         p.update({"params": SUB["params"], "blocks": SUB["blocks"], "temperature": SUB["temperature"]})
@@ -343,7 +360,7 @@ def pca_settings_params():
 
 
 def pca_finalize_inputs(wc):
-    base = {"settings": f"{PCA}/settings.json", "stats": STATS}
+    base = {}  # settings and stats are the rule's static inputs
     if pca_solver_used() == "exact":
         return {**base, "exact": f"{PCA}/exact.zarr"}
     t = pca_final_pass()

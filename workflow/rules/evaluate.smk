@@ -1,4 +1,18 @@
-# metrics per (detector, OOD set) and the HTML report.
+# metrics per (detector, OOD set), the papers' claims tested on them, and the HTML report.
+# metrics.groups goes to the CLI in config order (near before far), not jarg's sorted keys.
+
+
+FINDINGS_SECTION = [
+    {
+        "title": "Findings: the papers' claims on this run",
+        "csv": f"{R}/findings.csv",
+        "caption": "Each qualitative claim of the papers that this run's detectors can test: the "
+        "paper's figure (quoted, with its table), this run's figure and whether it holds, all "
+        "computed from metrics.csv and the subspace diagnostics (gradspace.findings). Scope all: "
+        "average over every OOD set; other scopes: the averages of metrics.groups. Margin: AUROC "
+        "points (reconstruction claims: error difference) in favour of the claim.",
+    }
+]
 
 
 rule evaluate:
@@ -13,6 +27,7 @@ rule evaluate:
         detectors=detector_table_json(),
         positive=config["metrics"]["positive"],
         ood=" ".join(OOD_SETS),
+        groups=shlex.quote(json.dumps(config["metrics"]["groups"])),
     log:
         f"{LOGS}/evaluate.log",
     benchmark:
@@ -25,7 +40,37 @@ rule evaluate:
     shell:
         "gradspace evaluate --scores {input.scores} --id-dataset id_test --ood-datasets {params.ood} "
         "--detectors {params.detectors} --card {input.card} --positive {params.positive} "
-        "--out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+        "--groups {params.groups} --out-csv {output.csv} --out-md {output.md} > {log} 2>&1"
+
+
+rule findings:
+    input:
+        metrics=f"{R}/metrics.csv",
+        diagnostics=expand(f"{R}/diagnostics/{{space}}", space=SPACES),
+    output:
+        csv=f"{R}/findings.csv",
+        md=f"{R}/findings.md",
+    params:
+        code=code_version("findings"),
+        detectors=jarg({n: dict(c or {}) for n, c in config["detectors"].items()}),
+        grad_scores=jarg(config["gradients"]["scores"]),
+        groups=shlex.quote(json.dumps(config["metrics"]["groups"])),
+        tolerance=config["metrics"]["findings"]["tolerance"],
+        reconstruction=" ".join(f"{sp}={R}/diagnostics/{sp}/reconstruction.csv" for sp in SPACES),
+    log:
+        f"{LOGS}/findings.log",
+    benchmark:
+        f"{BENCH}/findings.tsv"
+    resources:
+        mem_mb=lambda wc, attempt: 2000 * attempt,
+        runtime=lambda wc, attempt: 10 * attempt,
+    conda:
+        "../../envs/gradspace.yaml"
+    shell:
+        "gradspace findings --metrics {input.metrics} --detectors {params.detectors} "
+        "--grad-scores {params.grad_scores} --groups {params.groups} --tolerance {params.tolerance} "
+        "--reconstruction {params.reconstruction} --out-csv {output.csv} --out-md {output.md} "
+        "> {log} 2>&1"
 
 
 rule report:
@@ -34,6 +79,7 @@ rule report:
         card=f"{R}/model/card.json",
         scores=all_score_files(),
         extra=report_extra_inputs(),
+        findings=f"{R}/findings.csv",
     output:
         report(
             directory(f"{R}/report"),
@@ -46,6 +92,7 @@ rule report:
         title=shlex.quote(config["report"]["title"]),
         bench=BENCH,
         sections=jarg(report_sections()),
+        findings=jarg(FINDINGS_SECTION),
     log:
         f"{LOGS}/report.log",
     benchmark:
@@ -58,7 +105,8 @@ rule report:
     shell:
         "gradspace report --metrics {input.metrics} --card {input.card} --scores {input.scores} "
         "--benchmarks $(find {params.bench} -name '*.tsv' 2>/dev/null | sort) "
-        "--sections {params.sections} --title {params.title} --out-dir {output} > {log} 2>&1"
+        "--sections {params.sections} {params.findings} --title {params.title} --out-dir {output} "
+        "> {log} 2>&1"
 
 
 rule timing_tables:

