@@ -760,7 +760,7 @@ class Planner:
                     )
             self.stage("pca_finalize").add_job(
                 4.0 * P * k,
-                self.cal["host_base_numpy"] + self.cal["reduce_copies"] * 8.0 * Pb * k,
+                self.cal["host_base_numpy"] + 5.5 * 8.0 * Pb * k,  # no QR: the sum, its reads, the cast
                 read=2 * 4.0 * P * k * len(parts),
                 flops=2.0 * P * k * k,
             )
@@ -811,9 +811,17 @@ class Planner:
             self.stage("subspace_diagnostics").add_job(5e4, 1e8)
         nd = int(sub["diagnostics"]["n_samples"])
         ref = min(nd, n_train) * 4.0 * P
+        # per loader batch: G, its copy and unit rows (float32), the queries and a reference
+        # piece of at most 256 rows in float64 (the nearest-neighbour distances)
+        batch_b = int(cfg["compute"]["batch_size"])
+        diag_extra = (
+            min(ref, float(sub["diagnostics"]["max_gib"]) * GiB)
+            + 8.0 * min(256, nd, n_train) * P
+            + batch_b * P * (3 * 4.0 + 8.0)
+        )
         self.stage("gradient_diagnostics", gpu=True, key="persample").add_job(
             1.2e3,
-            *self._mem(self._persample_work(P, size, min(ref, float(sub["diagnostics"]["max_gib"]) * GiB))),
+            *self._mem(self._persample_work(P, size, diag_extra)),
             flops=sum(min(nd, n) for n in sz.values()) * (3 * F + 2 * P),
         )
 

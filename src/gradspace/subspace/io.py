@@ -58,7 +58,9 @@ def put_array(group, name: str, values: np.ndarray, chunk_bytes: int = 1 << 25) 
     values = np.asarray(values)
     if values.ndim:
         row_bytes = max(1, int(np.prod(values.shape[1:], dtype=np.int64)) * values.itemsize)
-        rows = min(max(1, values.shape[0]), max(1, chunk_bytes // row_bytes))
+        n = max(1, values.shape[0])
+        rows = min(n, max(1, chunk_bytes // row_bytes))
+        rows = -(-n // -(-n // rows))  # equal chunks: an uncompressed edge chunk is stored padded
         chunks = (rows,) + values.shape[1:]
     else:
         chunks = ()
