@@ -125,15 +125,25 @@ class ShardWriter:
     def group(self):
         return self._group
 
-    def create(self, name: str, shape: Sequence[int], dtype, chunks: Sequence[int] | None = None):
+    def create(self, name: str, shape: Sequence[int], dtype, chunks: Sequence[int] | None = None,
+               compress: bool = True):
+        """An empty array; ``compress=False`` keeps only the CRC-32C (bulk float data whose
+        size should be exactly its bytes, e.g. the P-long normalization statistics)."""
         shape = tuple(int(s) for s in shape)
         if shape and shape[0] != self.n_rows:
             raise StoreError(
                 f"{self.path}: array '{name}' has {shape[0]} rows, store expects {self.n_rows}")
-        if chunks is None:
-            chunks = (min(self.chunk_rows, max(1, shape[0])),) + shape[1:] if shape else ()
+        if chunks is None and shape:
+            n = max(1, shape[0])
+            rows = min(self.chunk_rows, n)
+            if not compress:  # equal chunks: an uncompressed edge chunk is stored padded
+                rows = -(-n // -(-n // rows))
+            chunks = (rows,) + shape[1:]
+        elif chunks is None:
+            chunks = ()
+        codecs = checksum_compressors() if compress else checksum_compressors()[1:]
         self._group.create_array(name, shape=shape, dtype=dtype, chunks=tuple(chunks),
-                                 fill_value=0, compressors=checksum_compressors())
+                                 fill_value=0, compressors=codecs)
         self._written[name] = 0
         return self._group[name]
 
@@ -146,10 +156,10 @@ class ShardWriter:
         arr[start:stop] = values
         self._written[name] += values.shape[0]
 
-    def put(self, name: str, values, chunks: Sequence[int] | None = None) -> None:
+    def put(self, name: str, values, chunks: Sequence[int] | None = None, compress: bool = True) -> None:
         """Create an array and write all of it at once (small arrays)."""
         values = np.asarray(values)
-        self.create(name, values.shape, values.dtype, chunks)
+        self.create(name, values.shape, values.dtype, chunks, compress)
         if values.size:
             self._group[name][...] = values
         self._written[name] = values.shape[0] if values.ndim else 1

@@ -192,8 +192,9 @@ def write_stats(path, stats: GradStats, extra_attrs: dict | None = None) -> None
              "selection": stats.selection, "temperature": stats.temperature,
              "total_variance": stats.total_variance, "normalize": stats.options, **dict(extra_attrs or {})}
     with ShardWriter(path, n_rows=P, attrs=attrs, chunk_rows=1 << 20) as w:
-        w.put("mean", stats.mean.astype(np.float64))
-        w.put("scale", stats.scale.astype(np.float64))
+        # uncompressed (CRC-32C only), like the bases and partials: 16 bytes per parameter
+        w.put("mean", stats.mean.astype(np.float64), compress=False)
+        w.put("scale", stats.scale.astype(np.float64), compress=False)
 
 
 def read_stats(path) -> GradStats:
