@@ -811,17 +811,19 @@ class Planner:
             self.stage("subspace_diagnostics").add_job(5e4, 1e8)
         nd = int(sub["diagnostics"]["n_samples"])
         ref = min(nd, n_train) * 4.0 * P
-        # per loader batch: G, its copy and unit rows (float32), the queries and a reference
-        # piece of at most 256 rows in float64 (the nearest-neighbour distances)
+        # per loader batch: G on the device; on the host its copy and unit rows (float32),
+        # the queries and a reference piece of at most 256 rows in float64 (nearest-neighbour
+        # distances) and the reference rows themselves (at most subspace.diagnostics.max_gib)
         batch_b = int(cfg["compute"]["batch_size"])
-        diag_extra = (
+        diag_device = batch_b * P * 4.0
+        diag_host = (
             min(ref, float(sub["diagnostics"]["max_gib"]) * GiB)
             + 8.0 * min(256, nd, n_train) * P
-            + batch_b * P * (3 * 4.0 + 8.0)
+            + batch_b * P * (2 * 4.0 + 8.0)
         )
         self.stage("gradient_diagnostics", gpu=True, key="persample").add_job(
             1.2e3,
-            *self._mem(self._persample_work(P, size, diag_extra)),
+            *self._mem(self._persample_work(P, size, diag_device), host_extra=diag_host),
             flops=sum(min(nd, n) for n in sz.values()) * (3 * F + 2 * P),
         )
 
