@@ -90,7 +90,7 @@ CALIBRATION = {
     "host_base_torch": 0.72e9,
     "host_base_numpy": 0.07e9,
     # jobs that load a model but run no batches (load_model, model_card)
-    "host_base_light": 0.45e9,
+    "host_base_light": 0.55e9,
     # float64 copies of one parameter block a reduce holds at its peak (the float32 read,
     # its float64 sum, LAPACK's copy, Q, and Q @ Q2 with its float32 cast when written;
     # rehearsal: 2.0 GB for a 2.05M x 16 block)
