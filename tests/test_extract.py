@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import gradspace.data  # noqa: F401 - the real package first: _fake_loader replaces only its loader module
 from gradspace.errors import ConfigError, NumericalError
 from gradspace.extract import extract_arrays, extract_shard
 from gradspace.models import build_model, save_model
