@@ -18,11 +18,7 @@ ROOT = PKG.parents[1]
 
 # Modules that still import gradspace.cli; each entry is a to-do, not a permission. The test
 # fails when one of them no longer does (then remove it here) and on any other module.
-KNOWN_CLI_IMPORTS = {
-    # `register` imports cli.json_arg; change it to `from ..params import json_arg`
-    # (data/* has another owner).
-    "gradspace.data.prepare",
-}
+KNOWN_CLI_IMPORTS: set[str] = set()
 
 # Import cycles (strongly connected components) present when this test was written, each
 # a to-do. Any other cycle, or a larger component, fails the test; so does an entry here
@@ -204,8 +200,8 @@ if "gradspace.cli" in sys.modules:
 
 
 def test_manifest_shards_env_matches_params(monkeypatch):
-    """data.manifest still defines its own copy of the $GRADSPACE_SHARDS reader (data/* has
-    another owner; store and the workflow use gradspace.params); both must agree."""
+    """data.manifest re-exports the $GRADSPACE_SHARDS reader of gradspace.params (one
+    reader for the workflow, store and manifest); both names must agree."""
     from gradspace import params
     from gradspace.data import manifest
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from ..errors import DataError
+from ..params import SHARDS_ENV, expected_shards  # noqa: F401 - SHARDS_ENV re-exported
 
 MANIFEST = "manifest.csv"
 INFO = "info.json"
@@ -40,24 +41,6 @@ def shard_assignment(n: int, shards: int) -> np.ndarray:
 def shard_rows(n: int, shards: int, shard: int) -> tuple[int, int]:
     """Manifest rows [start, stop) of ``shard``: the p with floor(p * shards / n) == shard."""
     return -(-shard * n // shards), -(-(shard + 1) * n // shards)
-
-
-SHARDS_ENV = "GRADSPACE_SHARDS"
-
-
-def expected_shards(dataset: str) -> int | None:
-    """The shard count the workflow's config asks for ``dataset`` ($GRADSPACE_SHARDS, a JSON
-    object {dataset: shards} exported by the workflow), or None outside the workflow."""
-    import os
-
-    raw = os.environ.get(SHARDS_ENV)
-    if not raw:
-        return None
-    try:
-        value = json.loads(raw).get(dataset)
-    except (ValueError, AttributeError):
-        return None
-    return None if value is None else int(value)
 
 
 def check_shard_request(data_dir, info: dict, shard: int | None = None) -> None:

@@ -234,7 +234,7 @@ def _run(args) -> None:
 
 
 def register(subparsers) -> None:
-    from ..cli import json_arg
+    from ..params import json_arg
 
     p = subparsers.add_parser(
         "prepare", help="prepare one dataset: manifest.csv, info.json, images.zarr",
