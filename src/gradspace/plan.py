@@ -272,6 +272,8 @@ def parse_overrides(items) -> dict:
 
 
 def n_shards(cfg: dict, dataset: str) -> int:
+    """Shards of one dataset (its own ``shards``, else the ID block's, else data.shards);
+    the workflow's rule files call this too, so plan and workflow never disagree."""
     data = cfg["data"]
     if dataset in ("id_train", "id_test"):
         idc = data["id"]
@@ -419,7 +421,9 @@ def _pca_passes(sub: Mapping) -> int:
     return (int(sub["max_iterations"]) if its == "auto" else int(its)) + 1
 
 
-def _data_parts(cfg: dict) -> list[list[int]]:
+def data_parts(cfg: dict) -> list[list[int]]:
+    """subspace.data_parts contiguous sets of ID-train shards (one job per set and pass;
+    the workflow's rule files call this too)."""
     S = n_shards(cfg, "id_train")
     n = min(int(cfg["subspace"]["data_parts"]), S)
     return [list(range(i * S // n, (i + 1) * S // n)) for i in range(n)]
@@ -639,7 +643,7 @@ class Planner:
         C = f.num_classes
         k = int(sub["k"])
         K = k + int(sub["oversample"])
-        parts = _data_parts(cfg)
+        parts = data_parts(cfg)
         rows_train = _shard_rows(sz["id_train"], n_shards(cfg, "id_train"))
         part_rows = [sum(rows_train[s] for s in ps) for ps in parts]
         size = int(sub["chunk_size"])

@@ -10,6 +10,7 @@ from gradspace import __version__ as GRADSPACE_VERSION
 from gradspace.params import export_runtime_settings
 from gradspace.detectors.base import get_detector
 from gradspace.errors import ConfigError
+from gradspace.plan import data_parts as plan_data_parts, n_shards as plan_n_shards
 from gradspace.versions import code_version
 
 EXP = config["experiment"]
@@ -29,12 +30,7 @@ def jarg(obj):
 
 
 def n_shards(dataset):
-    data = config["data"]
-    if dataset in ID_SETS:
-        idc = data["id"]
-        own = idc.get("train" if dataset == "id_train" else "test") or {}
-        return int(own.get("shards", idc.get("shards", data["shards"])))
-    return int(data["ood"][dataset].get("shards", data["shards"]))
+    return plan_n_shards(config, dataset)
 
 
 def shard_stores(dataset, kind="embeddings"):
@@ -235,13 +231,8 @@ def block_group_arg(group):
 PCA = f"{R}/subspace/pca"
 
 
-def _data_parts():
-    """subspace.data_parts contiguous sets of ID-train shards (one job per set and pass)."""
-    S = n_shards("id_train")
-    n = min(int(SUB["data_parts"]), S)
-    return [list(range(i * S // n, (i + 1) * S // n)) for i in range(n)]
-
-DATA_PARTS = _data_parts()
+# subspace.data_parts contiguous sets of ID-train shards (one job per set and pass)
+DATA_PARTS = plan_data_parts(config)
 DATA_PARTS_IDS = [str(i) for i in range(len(DATA_PARTS))]
 LIFT_GROUPS = BLOCK_GROUPS if SPLIT_BLOCKS else ["all"]
 
