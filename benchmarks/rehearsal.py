@@ -725,9 +725,7 @@ def main(argv=None) -> int:
     if not fresh and workdir.exists() and any(workdir.iterdir()):
         ap.error(f"--workdir {workdir} is not empty")
     workdir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["TORCH_HOME"] = str(workdir / "torch")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = job_env(workdir)
     os.environ["TORCH_HOME"] = env["TORCH_HOME"]
     rep: dict = {"workdir": str(workdir), "args": {k: (str(v) if isinstance(v, Path) else v)
                                                    for k, v in vars(a).items()}}
@@ -793,6 +791,15 @@ def main(argv=None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def job_env(workdir: Path) -> dict:
+    """The environment of the rehearsal's Snakemake and gradspace calls: the work dir's
+    $TORCH_HOME (the saved random weights) and this interpreter's bin directory first."""
+    env = dict(os.environ)
+    env["TORCH_HOME"] = str(workdir / "torch")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
 def resume(a) -> int:
     """Snakemake again in an earlier work dir; the job-to-rule map comes from both logs,
     the disk peaks are the larger of the earlier run's and this one's."""
@@ -800,9 +807,7 @@ def resume(a) -> int:
 
     workdir = a.workdir.resolve()
     old = json.loads((workdir / "rehearsal.json").read_text())
-    env = dict(os.environ)
-    env["TORCH_HOME"] = str(workdir / "torch")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = job_env(workdir)
     experiment = yaml.safe_load(PRESET.read_text())["experiment"]
     cmd = old["run"]["command"].split()
     log1, log2 = workdir / "snakemake.log", workdir / "snakemake-resume.log"
@@ -845,9 +850,7 @@ def resume(a) -> int:
 def replan(a) -> int:
     workdir = a.workdir.resolve()
     rep = json.loads((workdir / "rehearsal.json").read_text())
-    env = dict(os.environ)
-    env["TORCH_HOME"] = str(workdir / "torch")
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env = job_env(workdir)
     import yaml
 
     experiment = yaml.safe_load(PRESET.read_text())["experiment"]
