@@ -17,7 +17,8 @@ How each figure is formed
 - **Bytes written** follow the stores' formats (``gradspace.store`` layouts: features and
   logits float32, PCA partials and bases float32, Krylov records float64, ...), uncompressed:
   Zarr's zstd saves a few per cent on float data, more on post-ReLU features.
-- **Memory** = the interpreter with torch loaded (``CALIBRATION``, measured) + the model +
+- **Memory** = the interpreter with torch loaded (``CALIBRATION``, measured; ``--probe-host``
+  moves it by what a bare job process takes on the machine at hand) + the model +
   the job's working set: the loader batch, the per-sample gradient chunk (at most the
   engine's 1 GiB workspace, ``gradspace.grads.engine.MAX_CHUNK_BYTES``) with its
   activations, and the job's own arrays (V of its block group, the float64 accumulator of
@@ -40,6 +41,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,6 +107,62 @@ CALIBRATION = {
     "host_linalg_flops": 2.0e9,
     "io_bytes_per_s": 1.0e8,
 }
+
+# Host memory of a job process depends on the machine as well as on the work: how the
+# shared libraries (libtorch alone is ~0.5 GB of code) are paged in and mapped differs
+# between kernels and file systems. The bases above were measured together with the RSS of
+# these probes (a fresh interpreter that imports what the jobs import; the torch one also
+# runs one small forward and backward pass) on the same machine; ``probe_host`` measures the
+# probes where it runs and moves the bases by the difference.
+HOST_PROBES = {
+    "torch": (
+        "import numpy, torch, torchvision, zarr\n"
+        "torch.manual_seed(0)\n"
+        "m = torchvision.models.resnet18(num_classes=10)\n"
+        "m(torch.randn(8, 3, 32, 32)).sum().backward()\n"
+    ),
+    "numpy": "import numpy, zarr\n",
+}
+PROBE_REFERENCE = {"torch": 0.843e9, "numpy": 0.0476e9}
+
+
+_PEAK_RSS = """
+import resource, sys
+try:  # the peak of this process's own memory map (ru_maxrss would carry the parent's across exec)
+    with open("/proc/self/status") as fh:
+        peak = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+except OSError:
+    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = ru if sys.platform == "darwin" else ru * 1024
+sys.stdout.write(str(peak))
+"""
+
+
+def _probe_rss(code: str, python: str) -> float:
+    """Peak RSS in bytes of a fresh ``python`` running ``code``."""
+    out = subprocess.run(
+        [python, "-c", code + _PEAK_RSS], capture_output=True, text=True, check=False, timeout=300
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"host probe failed under {python}: {out.stderr.strip()[-2000:]}")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def probe_host(python: str | None = None) -> dict:
+    """Host bases for this machine: ``CALIBRATION``'s, moved by how much more (or less) the
+    probes' RSS is here than where the bases were measured. Returns the calibration's
+    ``host`` entries plus the raw probe figures (``probe_rss``)."""
+    python = python or sys.executable
+    rss = {kind: _probe_rss(code, python) for kind, code in HOST_PROBES.items()}
+    dt = rss["torch"] - PROBE_REFERENCE["torch"]
+    dn = rss["numpy"] - PROBE_REFERENCE["numpy"]
+    return {
+        "host_base_torch": CALIBRATION["host_base_torch"] + dt,
+        "host_base_light": CALIBRATION["host_base_light"] + dt,
+        "host_base_numpy": max(CALIBRATION["host_base_numpy"] + dn, 0.0),
+        "probe_rss": rss,
+    }
+
 
 # Sizes of public datasets the presets name, for plans made before the data is on disk.
 KNOWN_SIZES = {
@@ -452,7 +511,7 @@ class Planner:
         self.cal = json.loads(json.dumps(CALIBRATION))
         self.calibrated = device == "cpu"
         if calibration and calibration.get("host"):
-            self.cal.update(calibration["host"])
+            self.cal.update({k: v for k, v in calibration["host"].items() if k != "probe_rss"})
         if calibration and (calibration.get("stages") or calibration.get("efficiency")):
             eff = (
                 efficiency_from_gpu_check(calibration, device)
@@ -1044,9 +1103,12 @@ def _cmd_plan(a) -> int:
     if a.calibration:
         with open(a.calibration) as fh:
             calib = json.load(fh)
-    if a.host_gflops or a.io_mbps:
+    if a.host_gflops or a.io_mbps or a.probe_host:
         calib = dict(calib or {})
-        calib["host"] = {
+        calib["host"] = dict(calib.get("host") or {})
+        if a.probe_host:
+            calib["host"].update(probe_host())
+        calib["host"] |= {
             k: v
             for k, v in (
                 ("host_linalg_flops", a.host_gflops and a.host_gflops * 1e9),
@@ -1102,6 +1164,13 @@ def register(sub) -> None:
         default=None,
         help="store read/write throughput (MB/s; default: measured here)",
     )
+    p.add_argument(
+        "--probe-host",
+        action="store_true",
+        help="measure the memory of a bare job process on this machine (two short probe "
+        "processes, a few seconds) and base the host memory figures on it; run it on a "
+        "machine like the compute nodes",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     p.add_argument("--max-disk", default=None, help="fail when the peak disk in use exceeds this (e.g. 2T)")
     p.add_argument("--max-gpu-mem", default=None, help="fail when a job needs more GPU memory (e.g. 80G)")
@@ -1117,6 +1186,7 @@ __all__ = [
     "load_config",
     "make_plan",
     "model_facts",
+    "probe_host",
     "render",
 ]
 
