@@ -647,8 +647,24 @@ class Planner:
         self.stage("findings").add_job(2e3, 0.16e9)
         if spaces:
             self.stage("timing_tables").add_job(2e3, self.cal["host_base_numpy"])
-        self.stage("report").add_job(5e5 + 1.3e4 * n_files, 2e8)
+        gdets = self._detectors(cfg["subspace"]["detectors"]) if spaces else {}
+        ens = [n for n in cfg["subspace"]["ensemble"]["detectors"] if n in gdets and n in cfg["detectors"]]
+        n_hist = len(dets) + len(spaces) * (len(gdets) + len(ens))  # one histogram per scored detector
+        self.stage("report").add_job(self._report_bytes(len(scored) - 1, n_hist, spaces), 2e8)
         return self.summary()
+
+    def _report_bytes(self, n_ood: int, n_dets: int, spaces) -> float:
+        """report/: index.html embeds every PNG as base64 (4/3 of its bytes) and figures/
+        keeps them too. PNG sizes fitted on the demo's and the ResNet-50 rehearsal's reports
+        (matplotlib, default dpi): a score histogram 10 KB + 6 KB per OOD panel, the heatmap
+        40 KB + 1.2 KB per cell, the ROC figure 42 KB per OOD panel, each extra diagnostics
+        figure (the spectrum per subspace, the gradient diagnostics) ~32 KB; the HTML text
+        ~150 B per table row (one per job in the run-time table, one per metric row)."""
+        png = n_dets * (10e3 + 6e3 * n_ood) + 40e3 + 1.2e3 * n_dets * (n_ood + 1) + 42e3 * n_ood
+        extras = 32e3 * (1 + len(spaces))
+        jobs = sum(st.jobs for st in self.stages.values()) + 1
+        text = 30e3 + 150.0 * (jobs + 2 * n_dets * (n_ood + 1))
+        return png * (1 + 4 / 3) + extras * 4 / 3 + text
 
     def pca_solver(self, n: int, p: int, k: int) -> str:
         """The PCA path the workflow takes (``subspace.exact.choose_solver``, as the
