@@ -9,6 +9,7 @@ pass (ODIN, BATS) set ``needs_model = True`` and implement ``score_batch``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -41,6 +42,21 @@ class Detector:
     needs_head: ClassVar[bool] = False  # fit reads the model (head weights, BN, early layers)
     defaults: ClassVar[dict[str, Any]] = {}
 
+    def __init_subclass__(cls, **kwargs):
+        # ``fit(train)`` from Python: the context is optional and ``fit`` returns the
+        # detector, whatever signature a subclass's ``fit`` was written with
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("fit")
+        if own is not None and not getattr(own, "_gradspace_wrapped", False):
+
+            @functools.wraps(own)
+            def fit(self, train, ctx=None, _own=own):
+                _own(self, train, FitContext() if ctx is None else ctx)
+                return self
+
+            fit._gradspace_wrapped = True
+            cls.fit = fit
+
     def __init__(self, **hparams):
         unknown = set(hparams) - set(self.defaults)
         if unknown:
@@ -51,8 +67,10 @@ class Detector:
         self.state: dict[str, Any] = {}
 
     # -- fitting -------------------------------------------------------------
-    def fit(self, train: Embeddings, ctx: FitContext) -> None:
-        """Estimate ID statistics. Default: nothing to fit."""
+    def fit(self, train: Embeddings, ctx: FitContext | None = None) -> Detector:
+        """Estimate ID statistics from the ID-train arrays ``train`` (named as in
+        ``requires``); returns the detector. Default: nothing to fit."""
+        return self
 
     def fit_chunks(self, chunks, ctx: FitContext) -> None:
         """Fit from an iterable of chunks. Default concatenates the required arrays;

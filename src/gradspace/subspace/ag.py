@@ -159,34 +159,14 @@ def rank_tolerance(n: int, stats=None, mean_rms: float = 0.0) -> float:
     return EPS32 * np.sqrt(max(int(n), 1)) * rho
 
 
-def reduce_ag(partial_paths, layout: ParamLayout, out_path, orthonormalize: bool = True,
-              stats=None, attrs: dict | None = None) -> dict:
-    opened, n = open_partials(partial_paths, layout, kind=AG_PARTIAL_KIND)
-    C_all = len(opened[0][2]["counts"])
-    ranges = sorted({tuple(a.get("classes") or (0, C_all)) for _, _, a in opened})
-    edge = 0
-    for c0, c1 in ranges:
-        if c0 != edge:
-            raise StoreError(f"AG partials: class ranges {ranges} do not tile [0, {C_all}) "
-                             f"(gap or overlap at class {min(c0, edge)})")
-        edge = c1
-    if edge != C_all:
-        raise StoreError(f"AG partials: class ranges {ranges} end at {edge}, not at {C_all}")
-    if stats is not None and n != stats.count:
-        raise StoreError(f"AG partials cover {n} samples, the statistics {stats.count}")
-    counts = np.zeros(len(opened[0][2]["counts"]), np.int64)
-    seen = set()
-    for _, _, a in opened:
-        if str(a.get("shard")) not in seen:
-            counts += np.asarray(a["counts"], np.int64)
-            seen.add(str(a.get("shard")))
-    empty = np.flatnonzero(counts == 0)
-    if empty.size:
-        raise DataError(f"AG subspace: class(es) {empty.tolist()} have no ID-train samples")
-
-    def means(b):
-        return class_block(opened, b, C) / counts[None, :]
-
+def ag_basis(means, layout: ParamLayout, counts: np.ndarray, n: int, orthonormalize: bool = True,
+             stats=None):
+    """The AG basis from the class means, one parameter block at a time: ``means(b)`` gives
+    block b's P_b×C float64 class means. Returns (basis(b), kept class columns, rank,
+    info) with ``basis(b)`` the block's P_b×k rows (the means themselves when not
+    ``orthonormalize``). ``reduce_ag`` (stores) and ``gradspace.api.fit_subspace``
+    (memory) share it."""
+    counts = np.asarray(counts, np.int64)
     C = counts.size
     centred = bool(stats is not None and stats.options.get("mean", True))
     info_rank: dict = {"centred": centred}
@@ -231,6 +211,39 @@ def reduce_ag(partial_paths, layout: ParamLayout, out_path, orthonormalize: bool
             return get(b) @ Qr
     else:
         basis, rank, keep = means, None, np.arange(C)
+    return basis, keep, rank, info_rank
+
+
+def reduce_ag(partial_paths, layout: ParamLayout, out_path, orthonormalize: bool = True,
+              stats=None, attrs: dict | None = None) -> dict:
+    opened, n = open_partials(partial_paths, layout, kind=AG_PARTIAL_KIND)
+    C_all = len(opened[0][2]["counts"])
+    ranges = sorted({tuple(a.get("classes") or (0, C_all)) for _, _, a in opened})
+    edge = 0
+    for c0, c1 in ranges:
+        if c0 != edge:
+            raise StoreError(f"AG partials: class ranges {ranges} do not tile [0, {C_all}) "
+                             f"(gap or overlap at class {min(c0, edge)})")
+        edge = c1
+    if edge != C_all:
+        raise StoreError(f"AG partials: class ranges {ranges} end at {edge}, not at {C_all}")
+    if stats is not None and n != stats.count:
+        raise StoreError(f"AG partials cover {n} samples, the statistics {stats.count}")
+    counts = np.zeros(len(opened[0][2]["counts"]), np.int64)
+    seen = set()
+    for _, _, a in opened:
+        if str(a.get("shard")) not in seen:
+            counts += np.asarray(a["counts"], np.int64)
+            seen.add(str(a.get("shard")))
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise DataError(f"AG subspace: class(es) {empty.tolist()} have no ID-train samples")
+
+    def means(b):
+        return class_block(opened, b, counts.size) / counts[None, :]
+
+    basis, keep, rank, info_rank = ag_basis(means, layout, counts, n, orthonormalize, stats)
+    C = counts.size
     info = {"kind": SUBSPACE_KIND, "type": "ag", "k": int(keep.size), "classes": C, "n": n,
             "counts": counts.tolist(), "orthonormal": bool(orthonormalize), "rank": rank, **info_rank,
             "total_variance": stats.total_variance if stats is not None else None, **dict(attrs or {})}
