@@ -41,7 +41,7 @@ def test_readme_example_runs_as_written(tiny_workdir, tmp_path, monkeypatch, cap
     out = capsys.readouterr().out
     assert "energy: AUROC" in out and "grad_knn on PCA: AUROC" in out
 
-    model, P = ns["model"], sum(p.numel() for p in ns["model"].parameters())
+    P = sum(p.numel() for p in ns["model"].parameters())
     assert tuple(ns["G"].shape) == (8, P)
     pca = ns["pca"]
     assert pca.k == 8 and pca.info["converged"] and pca.info["max_residual"] <= 1e-2

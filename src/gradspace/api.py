@@ -235,7 +235,8 @@ def fit_subspace(model, data, kind: str = "pca", k: int = 32, *, params="all", b
     kind ``"pca"``: the top-k principal directions of the normalized energy gradients
     (``solver``: ``"krylov"`` block Krylov passes until the largest Ritz residual is
     ≤ ``tol``, ``"power"`` power iteration, ``"exact"`` one pass forming N x N G Gᵀ —
-    for N up to a few thousand; it always uses the ``persample`` operator). ``iterations="auto"`` stops at ``tol`` (at most
+    for N up to a few thousand; it always uses the ``persample`` operator).
+    ``iterations="auto"`` stops at ``tol`` (at most
     ``max_iterations``); an integer T runs T + 1 data passes; the lift is one more.
     kind ``"ag"``: the span of the class-average gradients (needs labels; k is the rank).
     ``normalize``: the statistics options of ``subspace.normalize`` in the config
@@ -259,8 +260,8 @@ def fit_subspace(model, data, kind: str = "pca", k: int = 32, *, params="all", b
     sums = stats.accumulate_moments(engine, batches(), layout)
     st = stats.reduce_moments([sums], layout, dict(normalize or {}))
     st.selection, st.temperature = params, float(temperature)
-    op = make_operator(method, model, layout, st, temperature, engine=engine if method == "persample" else None,
-                       params=params, chunk_size=chunk_size)
+    op = make_operator(method, model, layout, st, temperature,
+                       engine=engine if method == "persample" else None, params=params, chunk_size=chunk_size)
     n = int(sums["count"])
     if kind == "pca":
         if solver == "exact":
