@@ -88,6 +88,31 @@ def test_streamed_diagnostics_equal_direct_computation(case, pieces):
     assert CountingOp.calls == ref_calls + len(pieces_rows) * (n_batches["id_test"] + n_batches["ood"])
 
 
+def test_small_work_budget_takes_fewer_rows_at_a_time_with_the_same_result(case):
+    """A work budget of 2 float64 rows (as 5 rows of ResNet-50 in 1 GiB): the gradients of a
+    loader batch are taken 2 samples at a time, the distance products 2 reference rows at
+    a time, and the distances and cosines do not change."""
+    model, layout, st, sets, rows, G, ag_path = case
+    g, _, _ = power.read_basis(ag_path, "subspace")
+    want_dist, want_cos = direct(G, sets, rows, full_basis(g, layout, "means"))
+    sizes = []
+
+    class SizeOp(PerSampleOperator):
+        def gradients(self, x, timer=None):
+            sizes.append(x.shape[0])
+            return super().gradients(x, timer)
+
+    fns = {ds: (lambda v=v: iter(batches(v[0], v[1], 16))) for ds, v in sets.items()}
+    dist, cos, _ = gradient_pass_diagnostics(SizeOp(model, layout, st), fns, rows, "id_train",
+                                             load_class_means(g, layout),
+                                             work_bytes=2 * 8 * layout.num_params + 1)
+    assert max(sizes) == 2 and sum(sizes) == sum(len(r) for r in rows.values())
+    for ds in ("id_test", "ood"):
+        np.testing.assert_allclose(dist[ds], want_dist[ds], rtol=1e-5, atol=1e-6)
+    for ds in cos:
+        np.testing.assert_allclose(cos[ds], want_cos[ds], rtol=1e-5, atol=1e-6)
+
+
 def test_memory_limit_below_one_gradient_is_an_error(case):
     model, layout, st, sets, rows, _, _ = case
     fns = {ds: (lambda v=v: iter(batches(v[0], v[1], 16))) for ds, v in sets.items()}

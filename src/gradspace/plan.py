@@ -890,20 +890,29 @@ class Planner:
             self.stage("subspace_diagnostics").add_job(5e4, 1e8)
         nd = int(sub["diagnostics"]["n_samples"])
         ref = min(nd, n_train) * 4.0 * P
-        # per loader batch: G on the device; on the host its copy and unit rows (float32),
-        # the queries and a reference piece of at most 256 rows in float64 (nearest-neighbour
-        # distances) and the reference rows themselves (at most subspace.diagnostics.max_gib)
-        batch_b = int(cfg["compute"]["batch_size"])
-        diag_device = batch_b * P * 4.0
+        # per query chunk (at most a loader batch, at most WORK_BYTES of float64 rows): G on
+        # the device; on the host its copy and unit rows (float32) and the float64 queries;
+        # a float64 reference piece of at most 256 rows and WORK_BYTES (nearest-neighbour
+        # distances); the reference rows themselves (at most subspace.diagnostics.max_gib)
+        from .subspace.diagnostics import WORK_BYTES, work_rows
+
+        q_rows = work_rows(P, WORK_BYTES, 8, int(cfg["compute"]["batch_size"]))
+        r_rows = work_rows(P, WORK_BYTES, 8, min(256, nd, n_train))
+        diag_device = q_rows * P * 4.0
         diag_host = (
             min(ref, float(sub["diagnostics"]["max_gib"]) * GiB)
-            + 8.0 * min(256, nd, n_train) * P
-            + batch_b * P * (2 * 4.0 + 8.0)
+            + 8.0 * r_rows * P
+            + q_rows * P * (2 * 4.0 + 8.0)
         )
+        n_ref = min(nd, n_train)
+        n_query = sum(min(nd, n) for ds, n in sz.items() if ds != "id_train")
+        piece_rows = max(1, int(float(sub["diagnostics"]["max_gib"]) * GiB // (4.0 * P)))
+        pieces = -(-n_ref // piece_rows)
         self.stage("gradient_diagnostics", gpu=True, key="persample").add_job(
             1.2e3,
             *self._mem(self._persample_work(P, size, diag_device), host_extra=diag_host),
-            flops=sum(min(nd, n) for n in sz.values()) * (3 * F + 2 * P),
+            # the reference once; the queries once per reference piece; the distance products
+            flops=(n_ref + pieces * n_query) * (3 * F + 2 * P) + 2.0 * P * n_ref * n_query,
         )
 
     # ---- totals

@@ -21,7 +21,8 @@ at most ``max_bytes`` (``subspace.diagnostics.max_gib``); when the n_samples ref
 gradients (n·P·4 bytes) exceed it, the search runs one piece at a time and each further
 piece costs one more gradient pass over the query samples (results are exact either way).
 The cosines stream (the class means, P×C like the AG basis, are held once), and so do
-the reduced rows of the sample (m×K).
+the reduced rows of the sample (m×K). Query gradients are taken at most ``WORK_BYTES``
+(1 GiB) of float64 rows at a time, whatever the loader batch: 5 rows of ResNet-50.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ import numpy as np
 from ..errors import DataError, StoreError
 from ..runtime import progress_bar
 from ..store import iter_chunks
+
+# bytes of the float64 working arrays of the gradient pass (query rows, reference pieces)
+WORK_BYTES = float(2**30)
 
 
 def _write_csv(path, rows: list[dict]) -> None:
@@ -192,20 +196,30 @@ def sample_rows(n_total: int, n_samples: int, seed: int, salt: int = 0) -> np.nd
     return np.sort(rng.choice(n_total, n_samples, replace=False))
 
 
-def sampled_chunks(op, batches, rows_wanted: np.ndarray):
+def sampled_chunks(op, batches, rows_wanted: np.ndarray, max_rows: int | None = None):
     """Yield (G, labels, rows) per loader batch for the wanted manifest rows: the normalized
-    gradients G (m_c×P float32 numpy) of the batch's wanted samples only."""
+    gradients G (m_c×P float32 numpy) of the batch's wanted samples only, at most
+    ``max_rows`` samples at a time (a loader batch of ImageNet-sized gradients would not fit)."""
     import torch
 
     rows_wanted = np.asarray(rows_wanted)
     for x, y, rows in batches:
         rows = np.asarray(rows.cpu() if hasattr(rows, "cpu") else rows)
-        keep = np.isin(rows, rows_wanted)
-        if not keep.any():
+        keep = np.flatnonzero(np.isin(rows, rows_wanted))
+        if not keep.size:
             continue
-        g = op.gradients(x[torch.as_tensor(keep, device=x.device)])
-        # a copy: G is the operator's reused buffer, overwritten by the next batch
-        yield g.cpu().numpy().copy(), np.asarray(y.cpu() if hasattr(y, "cpu") else y)[keep], rows[keep]
+        y = np.asarray(y.cpu() if hasattr(y, "cpu") else y)
+        step = keep.size if max_rows is None else max(1, int(max_rows))
+        for a in range(0, keep.size, step):
+            idx = keep[a:a + step]
+            g = op.gradients(x[torch.as_tensor(idx, device=x.device)])
+            # a copy: G is the operator's reused buffer, overwritten by the next batch
+            yield g.cpu().numpy().copy(), y[idx], rows[idx]
+
+
+def work_rows(num_params: int, work_bytes: float, itemsize: int, cap: int) -> int:
+    """Rows of ``num_params`` values of ``itemsize`` bytes that fit ``work_bytes`` (≥ 1, ≤ cap)."""
+    return max(1, min(int(cap), int(work_bytes // (itemsize * max(int(num_params), 1)))))
 
 
 def _unit32(a) -> np.ndarray:
@@ -240,7 +254,7 @@ def load_class_means(ag_group, layout, path="") -> tuple[dict, np.ndarray]:
 
 def gradient_pass_diagnostics(op, batches: dict, rows: dict, ref: str = "id_train", means=None,
                               cosine_sets=("id_train", "id_test"), max_bytes: float = 8 * 2**30,
-                              sub_rows: int = 256):
+                              sub_rows: int = 256, work_bytes: float = WORK_BYTES):
     """Whole-space nearest-neighbour distances and class-mean cosines over sampled rows.
 
     ``batches``: dataset -> callable returning a fresh batch iterator; ``rows``: dataset ->
@@ -248,8 +262,12 @@ def gradient_pass_diagnostics(op, batches: dict, rows: dict, ref: str = "id_trai
     :func:`load_class_means` or None. Returns ({dataset: distance from each sampled row to
     its nearest ``ref`` row, unit-normalized gradients}, {dataset: cosines}, {dataset: labels})
     for every dataset other than ``ref`` (distances) and the ``cosine_sets`` (cosines).
-    At most ``max_bytes`` of reference gradients are held at once (see the module doc)."""
+    At most ``max_bytes`` of reference gradients are held at once (see the module doc); the
+    query gradients and the float64 pieces of the distance products take at most
+    ``work_bytes`` each (fewer rows at a time for large models)."""
     P = op.layout.num_params
+    q_rows = work_rows(P, work_bytes, 8, 1 << 30)  # float64 unit queries
+    sub_rows = work_rows(P, work_bytes, 8, sub_rows)  # float64 reference rows per product
     per_piece = int(max_bytes // (4 * P))
     if per_piece < 1:
         raise DataError(f"one gradient of {P} parameters ({4 * P / 2**30:.2f} GiB) exceeds the "
@@ -265,7 +283,7 @@ def gradient_pass_diagnostics(op, batches: dict, rows: dict, ref: str = "id_trai
     with progress_bar("gradient-diagnostics", total) as bar:
         for j, piece in enumerate(pieces):
             R = []
-            for G, y, _ in sampled_chunks(op, batches[ref](), piece):
+            for G, y, _ in sampled_chunks(op, batches[ref](), piece, q_rows):
                 bar.update(G.shape[0])
                 R.append(_unit32(G))
                 labels[ref].append(y)
@@ -274,7 +292,7 @@ def gradient_pass_diagnostics(op, batches: dict, rows: dict, ref: str = "id_trai
             R = np.concatenate(R) if R else np.zeros((0, P), np.float32)
             for ds in queries:
                 pos = 0
-                for G, y, _ in sampled_chunks(op, batches[ds](), rows[ds]):
+                for G, y, _ in sampled_chunks(op, batches[ds](), rows[ds], q_rows):
                     bar.update(G.shape[0])
                     if j == 0:
                         labels[ds].append(y)
