@@ -503,6 +503,11 @@ def _score_index(score_paths: Sequence) -> dict[tuple[str, str, str], str]:
 def build_report(metrics_path, card_path=None, score_paths=(), benchmark_paths=(), timing_paths=(),
                  sections=(), title="gradspace report") -> tuple[str, dict[str, bytes]]:
     """Return (index.html text, {figure file name: PNG bytes})."""
+    if score_paths:
+        # the ROC figure's scikit-learn (~65 MB of the job's ~210 MB): imported first, so the
+        # job's memory is flat from its start. Snakemake's benchmark samples RSS every 0.5 s
+        # only during a job's first 15 s, then every 30 s, and missed this late peak.
+        import sklearn.metrics  # noqa: F401
     df = read_metrics(metrics_path)
     if len(df) == 0:
         raise DataError(f"metrics file '{metrics_path}' has no rows")
