@@ -65,6 +65,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .errors import ConfigError, DataError
+from .files import write_text_atomic
 from .metrics import (
     AVERAGE,
     GROUP_PREFIX,
@@ -73,7 +74,6 @@ from .metrics import (
     load_json_arg,
     markdown_table,
     read_metrics,
-    write_text_atomic,
 )
 
 log = logging.getLogger(__name__)

@@ -63,13 +63,13 @@ import json
 import logging
 import math
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError, DataError, NumericalError
+from .files import read_json, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -192,18 +192,7 @@ def load_json_arg(value, what: str):
 
 def read_card(path: str | os.PathLike | None) -> dict:
     """The model card (JSON object) or {} when no path is given."""
-    if not path:
-        return {}
-    try:
-        with open(path, encoding="utf-8") as fh:
-            card = json.load(fh)
-    except FileNotFoundError as exc:
-        raise DataError(f"model card '{path}' does not exist") from exc
-    except json.JSONDecodeError as exc:
-        raise DataError(f"model card '{path}' is not valid JSON: {exc}") from exc
-    if not isinstance(card, dict):
-        raise DataError(f"model card '{path}': expected a JSON object")
-    return card
+    return read_json(path, "model card", dict) if path else {}
 
 
 def card_id_accuracy(card: Mapping) -> float | None:
@@ -583,20 +572,6 @@ def render_markdown(df, card: Mapping | None = None, title: str = "OOD detection
 
 
 # --------------------------------------------------------------------------- output
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a text file via a temporary sibling and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def metrics_csv_text(df) -> str:
     return df.to_csv(index=False, float_format="%.10g", lineterminator="\n")
 

@@ -51,14 +51,13 @@ import logging
 import math
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError, DataError
+from .files import atomic_path, read_json
 from .metrics import (
     CONVENTIONS,
     card_id_accuracy,
@@ -298,13 +297,7 @@ def _num(x, fmt="{:.2f}") -> str:
 
 def read_timing(path: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
     """A timing JSON rendered generically as (header, rows); see the module docstring."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError as exc:
-        raise DataError(f"timing file '{path}' does not exist") from exc
-    except json.JSONDecodeError as exc:
-        raise DataError(f"timing file '{path}' is not valid JSON: {exc}") from exc
+    data = read_json(path, "timing file")
     if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
         items = [{"name": k, **v} for k, v in data.items()]
     elif isinstance(data, list) and all(isinstance(v, dict) for v in data):
@@ -641,22 +634,11 @@ def build_report(metrics_path, card_path=None, score_paths=(), benchmark_paths=(
 
 def write_report(out_dir: str | os.PathLike, page: str, figures: Mapping[str, bytes]) -> None:
     """Write index.html + figures/ into a temporary sibling, then swap it into place."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = out.parent / f".{out.name}.tmp-{tag}"
-    old = out.parent / f".{out.name}.old-{tag}"
-    try:
-        (tmp / "figures").mkdir(parents=True)
+    with atomic_path(out_dir, directory=True) as tmp:
+        (tmp / "figures").mkdir()
         for name, png in figures.items():
             (tmp / "figures" / name).write_bytes(png)
         (tmp / "index.html").write_text(page, encoding="utf-8")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _cmd_report(args) -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -38,6 +37,7 @@ import numpy as np
 import zarr
 
 from .errors import StoreError
+from .files import tmp_sibling
 
 FORMAT_KEY = "gradspace"
 FORMAT_VERSION = 1
@@ -91,10 +91,6 @@ def corrupt(path: Path, what: str) -> StoreError:
                       + VERIFY_HINT.format(root=_results_root(Path(path))))
 
 
-def _tmp_sibling(path: Path) -> Path:
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
 class ShardWriter:
     """Write one store atomically.
 
@@ -117,7 +113,7 @@ class ShardWriter:
 
     def __enter__(self) -> ShardWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = _tmp_sibling(self.path)
+        self._tmp = tmp_sibling(self.path)
         self._group = zarr.open_group(str(self._tmp), mode="w", zarr_format=3)
         return self
 

@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .errors import DataError
+from .files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +139,11 @@ def table12(reduced: dict[str, dict[str, list[str]]], fitted: dict[str, list[str
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
+    with open(path, "w", newline="") as fh:  # inside the job's temporary directory
         if rows:
             w = csv.DictWriter(fh, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-    os.replace(tmp, path)
 
 
 def _parse_map(items, what) -> dict:
@@ -168,15 +167,9 @@ def _cmd(args) -> None:
     for f in args.fitted:
         fitted[Path(f).parent.name].append(f)
     out = Path(args.out_dir)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    _write_csv(tmp / "table11_subspace_time.csv", table11(args.bench_dir, subspaces, card))
-    _write_csv(tmp / "table12_detection_time.csv", table12(reduced, fitted))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with atomic_path(out, directory=True) as tmp:
+        _write_csv(tmp / "table11_subspace_time.csv", table11(args.bench_dir, subspaces, card))
+        _write_csv(tmp / "table12_detection_time.csv", table12(reduced, fitted))
     log.info("timing tables -> %s", out)
 
 

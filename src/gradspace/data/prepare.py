@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, DataError
+from ..files import atomic_path
 from .imageops import convert_channels, resize_batch
 from .manifest import FORMAT_VERSION, IMAGES, INFO, MANIFEST, shard_assignment, write_manifest
 from .sources import ID_ROLES, ROLES, SourceContext, get_source, subset_classes
@@ -189,10 +187,7 @@ def prepare_dataset(name: str, params: dict, seed: int, out) -> dict:
     }
 
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_path(out, directory=True) as tmp:
         write_manifest(tmp / MANIFEST, index, ids, labels, shards)
         if source.backend == "array":
             _write_images(tmp / IMAGES, source, index, size, channels, info)
@@ -201,12 +196,6 @@ def prepare_dataset(name: str, params: dict, seed: int, out) -> dict:
         pause_point("prepare")  # fault injection (tests): before the output is renamed into place
         with open(tmp / INFO, "w") as f:
             json.dump(info, f, indent=2, sort_keys=False)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     log.info("prepared %s (%s, %s): %d samples in %d shards -> %s", name, role, source.kind, n,
              info["shards"], out)
     return info

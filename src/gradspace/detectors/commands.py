@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ConfigError, DataError, GradspaceError, NumericalError, StoreError
+from ..files import write_bytes_atomic
 from .base import Detector, FitContext, build_detector
 
 log = logging.getLogger(__name__)
@@ -37,27 +36,10 @@ COMPUTE_KEYS = {"batch_size": 256, "device": "auto", "num_workers": 0, "mean": N
 
 
 # -- atomic output -------------------------------------------------------------------------
-def _tmp_path(path: Path) -> Path:
-    return path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def _atomic_write(path, writer) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, "wb") as fh:
-            writer(fh)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_scores(path, scores: np.ndarray) -> None:
     """Write a float64 .npy atomically (temp file + os.replace)."""
     scores = np.ascontiguousarray(scores, dtype=np.float64)
-    _atomic_write(path, lambda fh: np.save(fh, scores))
+    write_bytes_atomic(path, lambda fh: np.save(fh, scores))
 
 
 def save_fitted(path, det: Detector, name: str, space: str, arrays: dict[str, str],
@@ -72,7 +54,7 @@ def save_fitted(path, det: Detector, name: str, space: str, arrays: dict[str, st
         if v.dtype == object:
             raise GradspaceError(f"detector '{det.method}': state entry '{k[6:]}' is not an array")
     payload["meta"] = np.asarray(json.dumps(meta, sort_keys=True))
-    _atomic_write(path, lambda fh: np.savez(fh, **payload))
+    write_bytes_atomic(path, lambda fh: np.savez(fh, **payload))
 
 
 def read_fitted_meta(path) -> dict:

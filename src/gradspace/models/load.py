@@ -19,13 +19,12 @@ Normalized checkpoint (``model.pt``), written atomically by :func:`save_model`::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import uuid
 from pathlib import Path
 
+from .. import files
 from ..errors import ModelError
 
 FORMAT = "gradspace-model"
@@ -36,23 +35,8 @@ VERSION = 1
 # atomic writes
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary sibling path; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    files.write_json_atomic(path, obj, indent=2, sort_keys=False)
 
 
 # --------------------------------------------------------------------------------------
@@ -274,7 +258,7 @@ def save_model(path: str | os.PathLike, model, meta: dict | None = None) -> None
         # under weights_only=True)
         "meta": json.loads(json.dumps(dict(meta or {}), default=str)),
     }
-    with atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
 
 

@@ -28,12 +28,14 @@ the reduced rows of the sample (m×K). Query gradients are taken at most ``WORK_
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import DataError, StoreError
+from ..files import atomic_path, write_text_atomic
 from ..runtime import progress_bar
 from ..store import iter_chunks
 
@@ -42,22 +44,15 @@ WORK_BYTES = float(2**30)
 
 
 def _write_csv(path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["empty"])
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(path)
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["empty"])
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def write_json(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=float))
 
 
 def reconstruction_errors(stores) -> np.ndarray:
@@ -181,10 +176,9 @@ def _plot_curve(path, ev, cum, space) -> None:
     ax[1].set(xlabel="number of components", ylabel="explained variance ratio", ylim=(0, 1.02),
               title="cumulative")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 # -- diagnostics with a gradient pass -----------------------------------------------------

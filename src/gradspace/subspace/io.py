@@ -19,7 +19,8 @@ import numpy as np
 import zarr
 
 from ..errors import StoreError
-from ..store import FORMAT_KEY, FORMAT_VERSION, _tmp_sibling, checksum_compressors, file_record, open_store
+from ..files import tmp_sibling, write_bytes_atomic
+from ..store import FORMAT_KEY, FORMAT_VERSION, checksum_compressors, file_record, open_store
 from .layout import ParamLayout
 
 
@@ -28,7 +29,7 @@ def atomic_group(path, attrs: dict | None = None):
     """Yield a writable Zarr v3 group; rename it to ``path`` with a completion record on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
+    tmp = tmp_sibling(path)
     group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     try:
         yield group
@@ -75,16 +76,7 @@ def put_array(group, name: str, values: np.ndarray, chunk_bytes: int = 1 << 25) 
 
 def save_npz(path, **arrays) -> None:
     """np.savez to a temporary sibling, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_sibling(path)
-    try:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_bytes_atomic(path, lambda fh: np.savez(fh, **arrays))
 
 
 def load_npz(path, require=()) -> dict:

@@ -1,0 +1,71 @@
+"""gradspace.files: the one atomic-write helper (unique temporary siblings, rename on
+success, nothing left behind on failure) and the checked JSON reader."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from gradspace.errors import DataError
+from gradspace.files import (
+    atomic_path,
+    read_json,
+    tmp_sibling,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
+
+
+def test_temporary_names_are_unique_hidden_siblings(tmp_path):
+    names = {tmp_sibling(tmp_path / "out.json").name for _ in range(100)}
+    assert len(names) == 100
+    assert all(n.startswith(".out.json.tmp-") for n in names)
+    assert all(f"-{os.getpid()}-" in n for n in names)
+
+
+def test_failed_write_leaves_the_old_output_and_no_temporary(tmp_path):
+    out = tmp_path / "a" / "b.txt"
+    write_text_atomic(out, "first\r\n")
+    assert out.read_bytes() == b"first\r\n"  # newlines as given
+
+    def boom(fh):
+        fh.write(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        write_bytes_atomic(out, boom)
+    assert out.read_bytes() == b"first\r\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["b.txt"]
+
+
+def test_directory_outputs_are_swapped_whole(tmp_path):
+    out = tmp_path / "report"
+    with atomic_path(out, directory=True) as tmp:
+        (tmp / "index.html").write_text("v1")
+    with atomic_path(out, directory=True) as tmp:
+        (tmp / "index.html").write_text("v2")
+        (tmp / "figures").mkdir()
+    assert (out / "index.html").read_text() == "v2" and (out / "figures").is_dir()
+    with pytest.raises(ValueError), atomic_path(out, directory=True) as tmp:
+        (tmp / "index.html").write_text("v3")
+        raise ValueError("half-written")
+    assert (out / "index.html").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_json_round_trip_and_errors_name_the_file(tmp_path):
+    p = tmp_path / "card.json"
+    write_json_atomic(p, {"a": 1}, indent=2)
+    assert p.read_text() == '{\n  "a": 1\n}\n'
+    assert read_json(p, "model card", dict) == {"a": 1}
+    with pytest.raises(DataError, match=r"model card '.*missing.json' does not exist"):
+        read_json(tmp_path / "missing.json", "model card")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(DataError, match=r"timing file '.*bad.json' is not valid JSON"):
+        read_json(tmp_path / "bad.json", "timing file")
+    (tmp_path / "list.json").write_text(json.dumps([1]))
+    with pytest.raises(DataError, match="expected a JSON object"):
+        read_json(tmp_path / "list.json", "model card", dict)
