@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ..errors import ConfigError, NumericalError
+from ..numerics import logsumexp, softmax  # noqa: F401  (the detectors' shared numerics)
 
 Embeddings = Mapping[str, np.ndarray]
 
@@ -142,12 +143,3 @@ def check_finite(name: str, values: np.ndarray, where: str = "") -> np.ndarray:
     return values
 
 
-def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    m = np.max(x, axis=axis, keepdims=True)
-    return (m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))).squeeze(axis)
-
-
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    z = x - np.max(x, axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)

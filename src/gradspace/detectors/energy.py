@@ -12,13 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
-from .base import Detector, check_finite, logsumexp, register_detector
-
-
-def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """T * logsumexp(logits / T) along the class axis, in float64."""
-    logits = np.asarray(logits, dtype=np.float64)
-    return temperature * logsumexp(logits / temperature, axis=1)
+from ..numerics import energy_score
+from .base import Detector, check_finite, register_detector
 
 
 def positive_float(method: str, key: str, value) -> float:

@@ -17,23 +17,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
+from ..numerics import energy_score, softmax_t  # noqa: F401  (softmax_t: part of this module's API)
 
 NORMS = ("l1", "l2sq")  # Igoe et al.'s L1 and squared L2
 
 
-def softmax_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, dtype=np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def logsumexp_t(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """T·logsumexp(f/T): the (negative) energy, Liu et al. 2020."""
-    T = float(temperature)
-    z = np.asarray(logits, dtype=np.float64) / T
-    m = z.max(axis=-1, keepdims=True)
-    return T * (m[..., 0] + np.log(np.exp(z - m).sum(axis=-1)))
 
 
 def check_p(p) -> float:
@@ -211,7 +199,7 @@ def v_term(logits, v: str, temperature: float = 1.0) -> np.ndarray:
     """Igoe et al. (2022) §4.2 output terms: MSP = max_k p_k; Energy = T·logsumexp(f/T);
     VarSum = 1 − Σ_k p_k(1 − p_k); TV = ½·Σ_k |1/C − p_k|; "none" = 1."""
     if v == "energy":
-        return logsumexp_t(logits, temperature)
+        return energy_score(logits, float(temperature))
     prob = softmax_t(logits, temperature)
     if v == "msp":
         return prob.max(axis=1)

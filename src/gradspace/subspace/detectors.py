@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..detectors.base import Detector, check_finite, logsumexp, register_detector, softmax
+from ..detectors.base import Detector, check_finite, register_detector
 from ..errors import ConfigError, DataError
+from ..numerics import energy_score, softmax
 
 HEAD_DEFAULTS = {"lr": 0.01, "batch_size": 512, "epochs": 3, "momentum": 0.9, "weight_decay": 0.0,
                  "seed": None, "num_classes": None}
@@ -75,8 +76,6 @@ def head_fc(state, z: np.ndarray) -> np.ndarray:
     return z @ state["fc_weight"].T + state["fc_bias"]
 
 
-def energy_score(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    return temperature * logsumexp(logits / temperature, axis=1)
 
 
 class _GradientDetector(Detector):
