@@ -23,15 +23,7 @@ KNOWN_CLI_IMPORTS: set[str] = set()
 # Import cycles (strongly connected components) present when this test was written, each
 # a to-do. Any other cycle, or a larger component, fails the test; so does an entry here
 # that is no longer a cycle (remove it).
-KNOWN_CYCLES = {
-    # sources.Catalog imports filesources lazily so that the file-backed kinds register;
-    # filesources subclasses sources.Source.
-    frozenset({"gradspace.data.sources", "gradspace.data.filesources"}),
-    # detectors.base.get_detector imports the subspace detectors (so that grad_* names
-    # resolve), which subclass base.Detector and use knn.build_index.
-    frozenset({"gradspace.detectors.base", "gradspace.detectors.knn",
-               "gradspace.subspace.detectors"}),
-}
+KNOWN_CYCLES: set[frozenset] = set()
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:

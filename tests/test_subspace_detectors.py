@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from gradspace.detectors.base import FitContext, build_detector, get_detector, logsumexp, softmax
+from gradspace.detectors.gradient import ensemble_scores, head_bn, head_fc, train_head
 from gradspace.errors import ConfigError, DataError
-from gradspace.subspace.detectors import ensemble_scores, head_bn, head_fc, train_head
 
 
 @pytest.fixture(autouse=True)
@@ -124,7 +124,7 @@ def test_ensemble():
 # -- parse-time d check (issue 11) ------------------------------------------------------------
 
 def test_reduced_dims_pca_k_and_ag_rank_bound():
-    from gradspace.subspace.detectors import reduced_dims
+    from gradspace.detectors.gradient import reduced_dims
 
     assert reduced_dims(["pca", "ag"], 32, 10) == {"pca": 32, "ag": 9}
     assert reduced_dims(["ag"], 32, 10, centred=False) == {"ag": 10}
@@ -134,7 +134,7 @@ def test_reduced_dims_pca_k_and_ag_rank_bound():
 
 
 def test_check_dims_d_above_k_is_an_error_naming_detector_d_and_k():
-    from gradspace.subspace.detectors import check_dims
+    from gradspace.detectors.gradient import check_dims
 
     dets = {"react": {"method": "grad_react", "d": 40}, "knn": {"method": "grad_knn", "k": 10}}
     with pytest.raises(ConfigError, match=r"subspace\.detectors\.react \(grad_react\): d = 40.*PCA.*"
@@ -150,7 +150,7 @@ def test_check_dims_d_above_k_is_an_error_naming_detector_d_and_k():
 
 
 def test_check_dims_d_above_ag_dimension_is_capped_with_a_warning():
-    from gradspace.subspace.detectors import check_dims
+    from gradspace.detectors.gradient import check_dims
 
     dets = {"react": {"method": "grad_react", "d": 16}, "bats": {"method": "grad_bats", "d": 9},
             "msp": {"method": "grad_msp"}}

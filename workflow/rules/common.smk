@@ -186,7 +186,7 @@ GRAD_DETECTORS = _detector_table(SUB["detectors"]) if SPACES else {}
 def _check_subspace_config():
     """Parse-time checks of the subspace settings that reach the jobs (issue 11)."""
     from snakemake.logging import logger
-    from gradspace.subspace.detectors import check_dims
+    from gradspace.detectors.gradient import check_dims
 
     # subspace.detectors' d (grad_react, grad_bats) against each space's dimension: an error
     # above subspace.k, capped with a warning above the AG dimension (C - 1 or C)

@@ -149,9 +149,7 @@ def register_source(cls: type[Source]) -> type[Source]:
 
 
 def get_source(kind: str) -> type[Source]:
-    if kind not in SOURCES:
-        from . import filesources  # noqa: F401 - registers the file-backed kinds
-
+    # the file-backed kinds register when the package is imported (data/__init__.py)
     if kind not in SOURCES:
         raise ConfigError(f"unknown dataset source kind '{kind}' (known: {', '.join(sorted(SOURCES))})")
     return SOURCES[kind]

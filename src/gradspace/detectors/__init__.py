@@ -6,6 +6,8 @@ BUILTIN_MODULES = [
     "msp", "maxlogit", "energy", "odin", "react", "bats", "mahalanobis", "knn", "vim",
     # gradient-norm scores (issue 3)
     "gradnorm", "igoe", "grood",
+    # detectors on reduced gradients (low-dimensional gradient paper), with their parse-time checks
+    "gradient",
 ]
 
 _loaded = False

@@ -127,8 +127,6 @@ def _load_all() -> None:
     from . import load_builtin  # noqa: F401  (imports every detector module once)
 
     load_builtin()
-    # detectors on reduced gradients (issue 4) live with the subspace stage
-    from ..subspace import detectors as _subspace_detectors  # noqa: F401
 
 
 def check_finite(name: str, values: np.ndarray, where: str = "") -> np.ndarray:

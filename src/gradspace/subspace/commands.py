@@ -638,7 +638,7 @@ def cmd_gradient_diagnostics(a):
 
 def cmd_ensemble(a):
     from ..detectors.commands import save_scores
-    from .detectors import ensemble_scores
+    from ..detectors.gradient import ensemble_scores
 
     s = ensemble_scores(np.load(a.feature), np.load(a.gradient), a.alpha)
     save_scores(a.out, s)

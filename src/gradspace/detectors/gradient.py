@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..detectors.base import Detector, check_finite, register_detector
 from ..errors import ConfigError, DataError
 from ..numerics import energy_score, softmax
+from .base import Detector, check_finite, register_detector
 
 HEAD_DEFAULTS = {"lr": 0.01, "batch_size": 512, "epochs": 3, "momentum": 0.9, "weight_decay": 0.0,
                  "seed": None, "num_classes": None}
@@ -245,7 +245,7 @@ class GradKNN(_GradientDetector):
         self._index = None
 
     def score(self, emb):
-        from ..detectors.knn import build_index
+        from .knn import build_index
 
         if getattr(self, "_index", None) is None:
             self._index = build_index(np.asarray(self.state["bank"], dtype=np.float32))
@@ -295,7 +295,7 @@ def check_dims(detectors_cfg, spaces, k: int, num_classes: int, centred: bool = 
     class count, and one detector table serves both spaces, so a larger d is capped at it
     (every dimension clipped, as the detector does at run time); returns one warning per
     such detector and space for the caller to log."""
-    from ..detectors.base import get_detector
+    from .base import get_detector
 
     dims = reduced_dims(spaces, k, num_classes, centred, orthonormalize)
     warnings = []
