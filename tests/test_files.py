@@ -69,3 +69,27 @@ def test_json_round_trip_and_errors_name_the_file(tmp_path):
     (tmp_path / "list.json").write_text(json.dumps([1]))
     with pytest.raises(DataError, match="expected a JSON object"):
         read_json(tmp_path / "list.json", "model card", dict)
+
+
+HEADER = "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+
+
+def test_benchmark_rows_as_numbers_and_bad_files_named(tmp_path):
+    from gradspace.files import read_benchmark
+
+    p = tmp_path / "job.tsv"
+    p.write_text(HEADER + "1.5\t0:00:01\t12.5\t-\tNA\t1\t0\t0\t40\t1.2\n")
+    (row,) = read_benchmark(p)
+    assert row["s"] == 1.5 and row["h:m:s"] == "0:00:01" and row["max_rss"] == 12.5
+    assert row["max_vms"] != row["max_vms"] and row["max_uss"] != row["max_uss"]  # NaN
+    (tmp_path / "empty.tsv").write_text("")
+    (tmp_path / "header.tsv").write_text(HEADER)
+    assert read_benchmark(tmp_path / "empty.tsv") == [] == read_benchmark(tmp_path / "header.tsv")
+    (tmp_path / "foreign.tsv").write_text("x\ty\n1\t2\n")
+    with pytest.raises(DataError, match="foreign.tsv.*'s' column"):
+        read_benchmark(tmp_path / "foreign.tsv")
+    (tmp_path / "short.tsv").write_text(HEADER + "1.0\t0:00:01\n")
+    with pytest.raises(DataError, match="short.tsv', line 2: 2 fields"):
+        read_benchmark(tmp_path / "short.tsv")
+    with pytest.raises(DataError, match="does not exist"):
+        read_benchmark(tmp_path / "missing.tsv")

@@ -92,8 +92,44 @@ def read_json(path: str | os.PathLike, what: str = "JSON file", kind: type | Non
     return data
 
 
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:  # Snakemake writes "-" / "NA" for what it could not measure
+        return float("nan")
+
+
+def read_benchmark(path: str | os.PathLike) -> list[dict]:
+    """The measurement rows of one Snakemake ``benchmark:`` TSV (columns s, h:m:s,
+    max_rss (MB), max_vms, max_uss, max_pss, io_in, io_out, mean_load, cpu_time), every
+    column but ``h:m:s`` as a float (NaN where Snakemake wrote "-" or "NA"). An empty file
+    or a header without rows gives []; a missing file, a file without the ``s`` column or
+    a row of the wrong width is a ``DataError`` naming the file. The one reader of these
+    files: the report, the timing tables and ``gradspace plan``'s measured-run check."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise DataError(f"benchmark file '{path}' does not exist") from exc
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines:
+        return []
+    header = lines[0].split("\t")
+    if "s" not in header:
+        raise DataError(f"benchmark file '{path}': expected a Snakemake benchmark TSV with a 's' "
+                        f"column (columns: {header})")
+    rows = []
+    for i, line in enumerate(lines[1:], start=2):
+        values = line.split("\t")
+        if len(values) != len(header):
+            raise DataError(f"benchmark file '{path}', line {i}: {len(values)} fields, the header has "
+                            f"{len(header)}")
+        rows.append({k: (v if k == "h:m:s" else _number(v)) for k, v in zip(header, values, strict=True)})
+    return rows
+
+
 __all__ = [
     "atomic_path",
+    "read_benchmark",
     "read_json",
     "tmp_sibling",
     "write_bytes_atomic",

@@ -1255,7 +1255,7 @@ def measure_run(workdir: str | os.PathLike, log_text: str) -> dict:
     """Per rule of a finished run: jobs, bytes of its outputs (run it with --notemp and
     GRADSPACE_KEEP_CONSUMED=1 to keep temporary ones), peak RSS and seconds of its jobs
     (the rules' ``benchmark:`` files)."""
-    import csv
+    from .files import read_benchmark
 
     workdir = Path(workdir)
     out: dict[str, dict] = {}
@@ -1272,12 +1272,9 @@ def measure_run(workdir: str | os.PathLike, log_text: str) -> dict:
         st["bytes_written"] += sum(_path_bytes(workdir / p) for p in job["output"])
         bench = workdir / job["benchmark"] if job["benchmark"] else None
         if bench is not None and bench.is_file():
-            with open(bench) as fh:
-                rows = list(csv.DictReader(fh, delimiter="\t"))
-            for r in rows:
-                try:
-                    st["max_rss_bytes"] = max(st["max_rss_bytes"], float(r["max_rss"]) * (1 << 20))
-                    st["seconds"] += float(r["s"])
-                except (KeyError, ValueError):
-                    pass
+            for r in read_benchmark(bench):
+                if math.isfinite(r.get("max_rss", math.nan)):
+                    st["max_rss_bytes"] = max(st["max_rss_bytes"], r["max_rss"] * (1 << 20))
+                if math.isfinite(r["s"]):
+                    st["seconds"] += r["s"]
     return out

@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, DataError
-from .files import atomic_path, read_json
+from .files import atomic_path, read_benchmark, read_json
 from .metrics import (
     CONVENTIONS,
     card_id_accuracy,
@@ -246,21 +246,11 @@ def read_benchmarks(paths: Sequence[str | os.PathLike]):
     root = Path(os.path.commonpath([str(p.parent.resolve()) for p in paths]))
     jobs = []
     for p in paths:
-        try:
-            df = pd.read_csv(p, sep="\t", na_values=["-", "NA", ""])
-        except FileNotFoundError as exc:
-            raise DataError(f"benchmark file '{p}' does not exist") from exc
-        except pd.errors.EmptyDataError:
-            log.warning("benchmark file '%s' is empty: skipped", p)
-            continue
-        except pd.errors.ParserError as exc:
-            raise DataError(f"benchmark file '{p}' is not a Snakemake benchmark TSV: {exc}") from exc
-        if "s" not in df.columns:
-            raise DataError(f"benchmark file '{p}': expected a Snakemake benchmark TSV with a "
-                            f"'s' column (columns: {list(df.columns)})")
-        if len(df) == 0:
+        rows = read_benchmark(p)
+        if not rows:
             log.warning("benchmark file '%s' has no measurement rows: skipped", p)
             continue
+        df = pd.DataFrame(rows)
         rel = p.resolve().relative_to(root).with_suffix("")
         job = rel.as_posix()
         rule = rel.parts[0] if len(rel.parts) > 1 else rel.name

@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .errors import DataError
-from .files import atomic_path
+from .files import atomic_path, read_benchmark
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +43,9 @@ def read_benchmarks(bench_dir: str | os.PathLike) -> dict[str, list[tuple[str, f
     root = Path(bench_dir)
     for f in sorted(root.rglob("*.tsv")):
         rel = f.relative_to(root).with_suffix("")
-        rule = rel.parts[0]
-        with open(f, newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-        if not rows or "s" not in rows[0]:
-            continue
-        out[rule].append((str(rel), sum(float(r["s"]) for r in rows) / len(rows)))
+        rows = read_benchmark(f)
+        if rows:
+            out[rel.parts[0]].append((str(rel), sum(r["s"] for r in rows) / len(rows)))
     return out
 
 
