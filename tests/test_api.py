@@ -121,6 +121,17 @@ def test_detectors_fit_on_arrays_and_score_higher_for_id():
         gs.detector("knn", kk=3)
 
 
+def test_package_exports_the_api_lazily():
+    """gradspace's lazy names (gradspace._API, kept so that jobs never import the API) are
+    exactly gradspace.api.__all__, and a job's import of gradspace does not load it."""
+    import subprocess
+
+    assert sorted(gs._API) == sorted(gs.api.__all__)
+    out = subprocess.run([sys.executable, "-c", "import sys, gradspace.cli; "
+                          "print('gradspace.api' in sys.modules)"], capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
 def test_bad_data_gets_a_gradspace_error():
     model, (x, y) = small_model(), small_data()
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=32)
