@@ -22,10 +22,10 @@ config that changes only data paths and sizes:
 
 One exception to "only sizes": ``subspace.types`` defaults to ``[pca]`` here
 (``--subspace-types pca,ag`` restores the preset's both). The AG subspace of ResNet-50 on
-1,000 classes accumulates the class sums P x C in float64 in one ``ag_partial`` job
-(25.6M x 1000 x 8 B = 204 GB of memory; the partial, the means and the basis are
-P x C float32 = 102 GB each on disk) and needs at least one ID-train image of every class
-(N >= 1000), neither of which a small rehearsal on a CPU machine can give.
+1,000 classes has partials and a store of P x C float32 (102 GB, and 204 GB with the class
+means) whatever N, more than this machine's free disk, and needs at least one ID-train
+image of every class (N >= 1000). Its class sums run in ``subspace.ag.class_jobs``
+class-range jobs (8 in the preset, 43 GB each by ``gradspace plan``).
 
 While Snakemake runs, a sampler thread walks ``<workdir>/results`` every ``--interval``
 seconds: total bytes in use (peak disk in use), the largest size seen of every file, and
