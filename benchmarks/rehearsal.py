@@ -236,7 +236,7 @@ class LogParser:
     def _line(self, line: str) -> None:
         m = _RULE.match(line)
         if m:
-            self._cur = {"rule": m.group(1), "output": [], "benchmark": None, "shell": None}
+            self._cur = {"rule": m.group(1), "output": [], "benchmark": None, "shell": None, "log": []}
             self.jobs.append(self._cur)
             return
         if self._cur is None:
@@ -256,6 +256,8 @@ class LogParser:
             self._cur["output"] = [v.strip() for v in val.split(", ") if v.strip()]
         elif key == "benchmark":
             self._cur["benchmark"] = val
+        elif key == "log":
+            self._cur["log"] = [v.strip() for v in val.split(", ") if v.strip()]
         elif key == "jobid":
             self._cur["jobid"] = int(val)
         elif key == "wildcards":
@@ -459,6 +461,8 @@ def job_samples(job: dict, counts: dict, diag_samples: int) -> int | None:
 
 
 def collect(workdir: Path, experiment: str, sampler: DiskSampler, diag_samples: int) -> dict:
+    from gradspace.runtime import read_peak_memory
+
     results = workdir / "results" / experiment
     counts = manifest_counts(results)
     written = sampler.bytes_by_rule()
@@ -469,9 +473,13 @@ def collect(workdir: Path, experiment: str, sampler: DiskSampler, diag_samples: 
     for job in last.values():
         r = job["rule"]
         st = stages.setdefault(r, {"jobs": 0, "wall_s_sum": 0.0, "wall_s_max": 0.0, "cpu_s_sum": 0.0,
-                                   "peak_rss_mib": 0.0, "samples": 0, "sample_s": 0.0,
-                                   "benchmarks_missing": 0})
+                                   "peak_rss_mib": 0.0, "peak_hwm_mib": 0.0, "samples": 0,
+                                   "sample_s": 0.0, "benchmarks_missing": 0})
         st["jobs"] += 1
+        for lp in job.get("log") or []:  # the job's own peak memory line (VmHWM)
+            hwm = read_peak_memory(workdir / lp)
+            if hwm:
+                st["peak_hwm_mib"] = max(st["peak_hwm_mib"], hwm / MiB)
         b = read_benchmark(workdir / job["benchmark"]) if job.get("benchmark") else None
         if b is None:
             st["benchmarks_missing"] += 1
@@ -490,7 +498,7 @@ def collect(workdir: Path, experiment: str, sampler: DiskSampler, diag_samples: 
         st["per_sample_s"] = st["sample_s"] / st["samples"] if st["samples"] else None
         st["bytes_written"] = written.get(r, 0)
         st["peak_disk_bytes"] = sampler.rule_peak.get(r, 0)
-        for k in ("wall_s_sum", "wall_s_max", "cpu_s_sum", "peak_rss_mib", "sample_s"):
+        for k in ("wall_s_sum", "wall_s_max", "cpu_s_sum", "peak_rss_mib", "peak_hwm_mib", "sample_s"):
             st[k] = round(st[k], 3)
     return {"stages": stages, "datasets": {d: sum(c.values()) for d, c in counts.items()},
             "peak_disk_bytes": sampler.peak_total, "peak_disk_at_s": sampler.peak_time,
@@ -568,8 +576,9 @@ def markdown(rep: dict) -> str:
     lines = []
     if plan:
         lines += ["| stage | jobs (plan) | wall Σ / max | CPU Σ | per sample | peak RSS | plan host | ratio "
-                  "| bytes written | plan bytes | ratio | peak disk in use | plan s | ratio |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| peak (VmHWM) | ratio | bytes written | plan bytes | ratio | peak disk in use | plan s "
+                  "| ratio |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     else:
         lines += ["| stage | jobs | wall Σ / max | CPU Σ | per sample | peak RSS | bytes written "
                   "| peak disk in use |",
@@ -590,9 +599,13 @@ def markdown(rep: dict) -> str:
                           ratio(p.get("seconds"), st["wall_s_sum"]))
             fb = " ⚠" if (rb is not None and (st["bytes_written"] or 0) >= MiB and abs(rb - 1) > 0.2) else ""
             fm = " ⚠" if (rm is not None and abs(rm - 1) > 0.2) else ""
+            hwm = (st.get("peak_hwm_mib") or 0) * MiB or None
+            rh = ratio(p.get("peak_job_host_bytes"), hwm)
+            fh = " ⚠" if (rh is not None and abs(rh - 1) > 0.2) else ""
             jobs = f"{st['jobs']} ({p.get('jobs', '–')})"
             lines.append(f"| {r} | {jobs} | {wall} | {ps} | {fmt_bytes(rss)} | "
                          f"{fmt_bytes(p.get('peak_job_host_bytes'))} | {fmt_r(rm)}{fm} | "
+                         f"{fmt_bytes(hwm)} | {fmt_r(rh)}{fh} | "
                          f"{fmt_bytes(st['bytes_written'])} | {fmt_bytes(p.get('bytes_written'))} | "
                          f"{fmt_r(rb)}{fb} | {fmt_bytes(st['peak_disk_bytes'])} | "
                          f"{fmt_s(p.get('seconds'))} | {fmt_r(rs)} |")

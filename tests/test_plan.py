@@ -171,7 +171,8 @@ def test_plan_agrees_with_a_measured_run(tiny_workdir):
             continue
         table.append(
             f"{name}: kept {st['kept_bytes']:.3g}/{m['bytes_written']:.3g} B, "
-            f"RSS {st['peak_job_host_bytes']:.3g}/{m['max_rss_bytes']:.3g} B, "
+            f"RSS {st['peak_job_host_bytes']:.3g}/{m['max_rss_bytes']:.3g} B "
+            f"(VmHWM {m.get('peak_hwm_bytes', 0):.3g}), "
             f"{m['seconds'] / m['jobs']:.1f} s/job"
         )
         # a finished run holds what each stage keeps (temporary and released outputs are gone)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +128,23 @@ def test_gradient_diagnostics_logs_progress(capfd, every_update):
     gradient_pass_diagnostics(PerSampleOperator(model, layout, st), fns, rows, "id_train",
                               max_bytes=6 * 4 * layout.num_params + 1)
     assert_logged(capfd.readouterr().err, "gradient-diagnostics", 12 + 2 * 12)
+
+
+def test_every_job_logs_its_own_peak_memory(tmp_path):
+    """The last stderr line of a successful command is its peak resident memory (VmHWM),
+    which gradspace.plan.measure_run and the rehearsal read from the job logs."""
+    import subprocess
+    import sys
+
+    from gradspace.runtime import PEAK_MEMORY_LINE, read_peak_memory
+
+    cli = "import sys; from gradspace.cli import main; sys.exit(main())"
+    out = subprocess.run([sys.executable, "-c", cli, "plan", "--configfile",
+                          str(Path(__file__).resolve().parents[1] / "config" / "config.yaml"), "--json"],
+                         capture_output=True, text=True, check=True)
+    assert out.stderr.strip().splitlines()[-1].startswith(PEAK_MEMORY_LINE)
+    log = tmp_path / "job.log"
+    log.write_text(out.stderr)
+    peak = read_peak_memory(log)
+    assert 20e6 < peak < 4e9  # a Python process with numpy and torch's model facts
+    assert read_peak_memory(tmp_path / "missing.log") is None

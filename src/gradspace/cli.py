@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _merge_runtime_settings(args)
         args.func(args)
+        from .runtime import peak_memory_line
+
+        line = peak_memory_line()
+        if line:  # for sizing mem_mb; Snakemake's sampled max_rss misses short peaks
+            print(line, file=sys.stderr)
     except GradspaceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

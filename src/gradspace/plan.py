@@ -1240,12 +1240,14 @@ def parse_snakemake_log(text: str) -> list[dict]:
             and head[0] in ("rule", "checkpoint", "localrule", "localcheckpoint")
             and s.endswith(":")
         ):
-            cur = {"rule": head[1].rstrip(":"), "output": [], "benchmark": None}
+            cur = {"rule": head[1].rstrip(":"), "output": [], "benchmark": None, "log": []}
             jobs.append(cur)
         elif cur is not None and s.startswith("output:"):
             cur["output"] = [p.strip() for p in s[len("output:") :].split(",") if p.strip()]
         elif cur is not None and s.startswith("benchmark:"):
             cur["benchmark"] = s[len("benchmark:") :].strip()
+        elif cur is not None and s.startswith("log:"):
+            cur["log"] = [p.strip() for p in s[len("log:") :].split(",") if p.strip()]
         elif not s:
             cur = None
     return [j for j in jobs if j["output"]]
@@ -1256,6 +1258,7 @@ def measure_run(workdir: str | os.PathLike, log_text: str) -> dict:
     GRADSPACE_KEEP_CONSUMED=1 to keep temporary ones), peak RSS and seconds of its jobs
     (the rules' ``benchmark:`` files)."""
     from .files import read_benchmark
+    from .runtime import read_peak_memory
 
     workdir = Path(workdir)
     out: dict[str, dict] = {}
@@ -1266,8 +1269,11 @@ def measure_run(workdir: str | os.PathLike, log_text: str) -> dict:
             continue
         seen.add(key)
         st = out.setdefault(
-            job["rule"], {"jobs": 0, "bytes_written": 0, "max_rss_bytes": 0.0, "seconds": 0.0}
+            job["rule"], {"jobs": 0, "bytes_written": 0, "max_rss_bytes": 0.0, "seconds": 0.0,
+                          "peak_hwm_bytes": 0.0}
         )
+        for lp in job.get("log") or []:  # the job's own peak (gradspace.runtime.PEAK_MEMORY_LINE)
+            st["peak_hwm_bytes"] = max(st["peak_hwm_bytes"], float(read_peak_memory(workdir / lp) or 0))
         st["jobs"] += 1
         st["bytes_written"] += sum(_path_bytes(workdir / p) for p in job["output"])
         bench = workdir / job["benchmark"] if job["benchmark"] else None

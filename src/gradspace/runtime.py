@@ -166,3 +166,45 @@ def progress(name: str, batches, total: int | None):
             bar.update(int(batch[0].shape[0]))
     finally:
         bar.close()
+
+
+# The last line of every successful ``gradspace`` job: its own peak resident memory. Snakemake's
+# ``benchmark:`` samples RSS every 0.5 s during a job's first 15 s and every 30 s after, so its
+# max_rss of a long job with a short peak varies from run to run; this figure does not.
+PEAK_MEMORY_LINE = "gradspace: peak resident memory"
+
+
+def peak_rss_bytes() -> int | None:
+    """This process's peak resident set size in bytes (Linux VmHWM; elsewhere ru_maxrss)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        import resource
+        import sys
+
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(ru if sys.platform == "darwin" else ru * 1024)
+    except (ImportError, OSError):
+        return None
+
+
+def peak_memory_line() -> str | None:
+    peak = peak_rss_bytes()
+    return None if peak is None else f"{PEAK_MEMORY_LINE} {peak} bytes ({peak / 2**30:.2f} GiB, VmHWM)"
+
+
+def read_peak_memory(log_path) -> int | None:
+    """The peak memory a job's log records (its last such line), or None."""
+    import re
+
+    try:
+        with open(log_path, errors="replace") as fh:
+            found = re.findall(re.escape(PEAK_MEMORY_LINE) + r" (\d+) bytes", fh.read())
+    except OSError:
+        return None
+    return int(found[-1]) if found else None
