@@ -587,7 +587,9 @@ class Planner:
             *(
                 self._mem(self._forward_work(batch))
                 if training
-                else (self.cal["host_base_light"] + 4.0 * f.num_params, 0.0)
+                # the loaded state dict, the model and the normalized checkpoint being saved
+                # (rehearsal: 873 MiB VmHWM for ResNet-50, like model_card's 871 MiB)
+                else (self.cal["host_base_light"] + 3 * 4.0 * f.num_params, 0.0)
             ),
             flops=3
             * F
@@ -693,14 +695,20 @@ class Planner:
         return out
 
     def _fit_bytes(self, method: str, n: int, d: int, c: int, hp: Mapping) -> tuple[float, float]:
-        base = self.cal["host_base_torch"]
+        from .detectors.base import get_detector
+
+        cls = get_detector(method)
+        # detectors that read the model (head weights, BN statistics, a model pass) load it:
+        # its parameters and the checkpoint's state dict (rehearsal, ResNet-50: +185 MiB)
+        model = 2 * 4.0 * self.f.num_params if (cls.needs_head or cls.needs_model) else 0.0
+        base = self.cal["host_base_torch"] + model
         m = method.removeprefix("grad_")
         if m == "knn":
             return 4.0 * n * d, base + 8.0 * n * d
         if m in ("mahalanobis",):
             return 8.0 * (d * d + c * d), base + 8.0 * n * d
-        if m == "vim":
-            return 8.0 * d * d, base + 8.0 * n * d + 8.0 * d * d
+        if m == "vim":  # the D x D covariance, its eigendecomposition (LAPACK copies) and basis
+            return 8.0 * d * d, base + 8.0 * n * d + 5 * 8.0 * d * d
         if m == "grood":  # class prototypes and the ID-train features
             return 4.0 * n * d + 8.0 * (c + 1) * d * 2, base + 8.0 * n * d
         return 4e3 + 8.0 * d, base + 8.0 * n * d
@@ -910,7 +918,8 @@ class Planner:
         pieces = -(-n_ref // piece_rows)
         self.stage("gradient_diagnostics", gpu=True, key="persample").add_job(
             1.2e3,
-            *self._mem(self._persample_work(P, size, diag_device), host_extra=diag_host),
+            # the engine differentiates at most q_rows samples at a time here
+            *self._mem(self._persample_work(P, min(size, q_rows), diag_device), host_extra=diag_host),
             # the reference once; the queries once per reference piece; the distance products
             flops=(n_ref + pieces * n_query) * (3 * F + 2 * P) + 2.0 * P * n_ref * n_query,
         )
