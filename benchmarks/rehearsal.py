@@ -405,25 +405,6 @@ class DiskSampler:
 # ----------------------------------------------------------------------------------------
 # collection
 # ----------------------------------------------------------------------------------------
-def read_benchmark(path: Path) -> dict | None:
-    try:
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh, delimiter="\t"))
-    except OSError:
-        return None
-    if not rows:
-        return None
-    row = rows[-1]
-
-    def num(key):
-        try:
-            return float(row.get(key, "nan"))
-        except ValueError:
-            return float("nan")
-
-    return {"s": num("s"), "max_rss": num("max_rss"), "cpu_time": num("cpu_time")}
-
-
 def manifest_counts(results: Path) -> dict[str, dict[int, int]]:
     """dataset -> {shard: rows} from results/<exp>/data/<dataset>/manifest.csv."""
     out: dict[str, dict[int, int]] = {}
@@ -461,6 +442,7 @@ def job_samples(job: dict, counts: dict, diag_samples: int) -> int | None:
 
 
 def collect(workdir: Path, experiment: str, sampler: DiskSampler, diag_samples: int) -> dict:
+    from gradspace.files import read_benchmark
     from gradspace.runtime import read_peak_memory
 
     results = workdir / "results" / experiment
@@ -480,7 +462,9 @@ def collect(workdir: Path, experiment: str, sampler: DiskSampler, diag_samples: 
             hwm = read_peak_memory(workdir / lp)
             if hwm:
                 st["peak_hwm_mib"] = max(st["peak_hwm_mib"], hwm / MiB)
-        b = read_benchmark(workdir / job["benchmark"]) if job.get("benchmark") else None
+        bench = workdir / job["benchmark"] if job.get("benchmark") else None
+        rows = read_benchmark(bench) if bench is not None and bench.is_file() else []
+        b = rows[-1] if rows else None  # the last measurement (a job retried after a resume)
         if b is None:
             st["benchmarks_missing"] += 1
             continue
