@@ -575,3 +575,42 @@ def test_layout_blocks_and_serialization():
     assert sum(lay2.block_size(b) for b in lay2.block_names) == 95
     assert ParamLayout.from_dict(lay2.to_dict()).blocks == lay2.blocks
     assert lay.locate_flat(36) == "bn.weight[0]"
+
+
+def test_persample_products_hold_one_engine_chunk_not_the_batch():
+    """gv, gtu, gtgv and the projection over a batch of 48 with an engine chunk of 10
+    samples equal the explicit products, and the engine's gradient buffer never grows past
+    one chunk (memory bounded by the chunk, not the loader batch)."""
+    from gradspace.grads import GradientEngine
+    from gradspace.runtime import Timer
+    from gradspace.subspace.project import project_batches
+
+    model = make_model()
+    x, y = make_data(48)
+    layout = layout_of(model, "top")
+    st, _ = stats_of(model, x, layout)
+    G = explicit_G(model, x, st)
+    V = random_V(layout, 5)
+    Vfull = np.zeros((layout.num_params, 5))
+    for b in layout.block_names:
+        (a, z), = layout.block_ranges(b)
+        Vfull[a:z] = V[b].numpy()
+    eng = GradientEngine(model, "all", "energy", chunk_size=10)
+    op = PerSampleOperator(model, layout, st, engine=eng)
+    assert eng.chunk_len() == 10
+    ref_gv = G @ Vfull
+    tol = dict(rtol=1e-4, atol=1e-4 * np.abs(ref_gv).max())
+    np.testing.assert_allclose(op.gv(x, V).double().numpy(), ref_gv, **tol)
+    U, W = op.gtgv(x, V)
+    np.testing.assert_allclose(U.double().numpy(), ref_gv, **tol)
+    ref_w = G.T @ U.double().numpy()
+    gtu = op.gtu(x, U)
+    for b in layout.block_names:
+        (a, z), = layout.block_ranges(b)
+        for got in (W[b], gtu[b]):
+            np.testing.assert_allclose(got.double().numpy(), ref_w[a:z], rtol=1e-4,
+                                       atol=1e-4 * np.abs(ref_w).max())
+    (rows, _, red, gn), = project_batches(op, [(x, y, np.arange(48))], V, Timer())
+    np.testing.assert_allclose(red, ref_gv, **tol)
+    np.testing.assert_allclose(gn, (G ** 2).sum(1), rtol=1e-4)
+    assert eng._buf is not None and eng._buf.shape[0] == 10

@@ -90,10 +90,17 @@ DEVICES = {
 # - workspace: bytes per per-sample-gradient element held at the peak of a chunk step
 #   (gradient buffer + normalized copy).
 CALIBRATION = {
-    "host_base_torch": 0.72e9,
-    "host_base_numpy": 0.07e9,
+    "host_base_torch": 0.68e9,
     # jobs that load a model but run no batches (load_model, model_card)
-    "host_base_light": 0.55e9,
+    "host_base_light": 0.51e9,
+    # jobs that never import torch start from what their imports map, which is exactly
+    # what the probe of their import set measures (HOST_PROBES; figures of this machine):
+    # array jobs (numpy + zarr), the score-file jobs (numpy), the table jobs (numpy +
+    # pandas), the nearest-neighbour detectors' scoring (numpy + zarr + faiss)
+    "host_base_numpy": 0.0541e9,
+    "host_base_bare": 0.0325e9,
+    "host_base_tables": 0.0763e9,
+    "host_base_search": 0.0778e9,
     # float64 copies of one parameter block a reduce holds at its peak (the float32 read,
     # its float64 sum, LAPACK's copy, Q, and Q @ Q2 with its float32 cast when written;
     # rehearsal: 2.0 GB for a 2.05M x 16 block)
@@ -122,8 +129,13 @@ HOST_PROBES = {
         "m(torch.randn(8, 3, 32, 32)).sum().backward()\n"
     ),
     "numpy": "import numpy, zarr\n",
+    "bare": "import numpy\n",
+    "tables": "import numpy, pandas\n",
+    "search": "import numpy, zarr, faiss\n",
 }
-PROBE_REFERENCE = {"torch": 0.843e9, "numpy": 0.0476e9}
+# the torch probe where host_base_torch / host_base_light were measured (the torch bases
+# are moved by the difference; the numpy-only bases are their probes' figures themselves)
+PROBE_REFERENCE = {"torch": 0.843e9}
 
 
 _PEAK_RSS = """
@@ -155,11 +167,10 @@ def probe_host(python: str | None = None) -> dict:
     python = python or sys.executable
     rss = {kind: _probe_rss(code, python) for kind, code in HOST_PROBES.items()}
     dt = rss["torch"] - PROBE_REFERENCE["torch"]
-    dn = rss["numpy"] - PROBE_REFERENCE["numpy"]
     return {
         "host_base_torch": CALIBRATION["host_base_torch"] + dt,
         "host_base_light": CALIBRATION["host_base_light"] + dt,
-        "host_base_numpy": max(CALIBRATION["host_base_numpy"] + dn, 0.0),
+        **{f"host_base_{kind}": rss[kind] for kind in ("numpy", "bare", "tables", "search")},
         "probe_rss": rss,
     }
 
@@ -631,7 +642,7 @@ class Planner:
                 else:
                     self.stage("score_detector").add_job(
                         8 * sz[ds] + 128,
-                        self.cal["host_base_numpy"] + self._score_host(d["method"], sz[ds], n_train, D),
+                        self._score_host(d["method"], sz[ds], n_train, D),
                     )
 
         spaces = list(cfg["subspace"]["types"]) if cfg["subspace"]["enabled"] else []
@@ -646,9 +657,9 @@ class Planner:
             0.16e9 + 16.0 * sum(sz.values()),  # pandas + matplotlib
         )
         # reads metrics.csv (and the reconstruction tables), writes findings.csv / .md
-        self.stage("findings").add_job(2e3, 0.16e9)
+        self.stage("findings").add_job(2e3, self.cal["host_base_tables"])
         if spaces:
-            self.stage("timing_tables").add_job(2e3, self.cal["host_base_numpy"])
+            self.stage("timing_tables").add_job(2e3, self.cal["host_base_tables"])
         gdets = self._detectors(cfg["subspace"]["detectors"]) if spaces else {}
         ens = [n for n in cfg["subspace"]["ensemble"]["detectors"] if n in gdets and n in cfg["detectors"]]
         n_hist = len(dets) + len(spaces) * (len(gdets) + len(ens))  # one histogram per scored detector
@@ -714,9 +725,18 @@ class Planner:
         return 4e3 + 8.0 * d, base + 8.0 * n * d
 
     def _score_host(self, method: str, n: int, n_train: int, d: int) -> float:
-        if method.removeprefix("grad_") == "knn":
-            return 8.0 * (n + n_train) * d
-        return 8.0 * n * d
+        """Peak host bytes of one array-detector scoring job (no torch): its import set's
+        base, the scored rows in float64 and the fitted state it applies to them."""
+        m = method.removeprefix("grad_")
+        c = self.f.num_classes
+        if m in ("knn", "grood"):  # faiss: the ID-train index and the queries
+            return self.cal["host_base_search"] + 8.0 * (n + (n_train if m == "knn" else c + 1)) * d
+        state = {
+            "mahalanobis": d * d + c * d,  # the shared precision matrix and the class means
+            "vim": d * d + c * d,  # the principal basis and the head
+            "react": c * d,  # the head
+        }.get(m, 0)
+        return self.cal["host_base_numpy"] + 8.0 * (n * d + state)
 
     def _subspace(self, spaces, datasets, scored) -> None:
         cfg, f, sz = self.cfg, self.f, self.sizes
@@ -889,12 +909,12 @@ class Planner:
                 for ds in scored:
                     self.stage("score_grad_detector").add_job(
                         8 * sz[ds] + 128,
-                        self.cal["host_base_numpy"] + self._score_host(d["method"], sz[ds], n_train, kk),
+                        self._score_host(d["method"], sz[ds], n_train, kk),
                     )
             for name in sub["ensemble"]["detectors"]:
                 if name in gdets and name in self.cfg["detectors"]:
                     for ds in scored:
-                        self.stage("ensemble").add_job(8 * sz[ds] + 128, self.cal["host_base_numpy"])
+                        self.stage("ensemble").add_job(8 * sz[ds] + 128, self.cal["host_base_bare"] + 3 * 8.0 * sz[ds])
             self.stage("subspace_diagnostics").add_job(5e4, 1e8)
         nd = int(sub["diagnostics"]["n_samples"])
         ref = min(nd, n_train) * 4.0 * P

@@ -89,7 +89,7 @@ def check_budget(n: int, p: int, k: int, budget_bytes: float) -> int:
 def materialize_gradients(op, batches, n: int, timer=None, device=None):
     """G (N×P float32, host) and the sample rows, in the order of ``batches``, from the
     operator's normalized per-sample gradients (``op.gradients``, e.g. PerSampleOperator)."""
-    if not hasattr(op, "gradients"):
+    if not hasattr(op, "chunks"):
         raise ConfigError("the exact PCA needs explicit per-sample gradients (the persample operator)")
     P = op.layout.num_params
     G = np.empty((int(n), P), np.float32)
@@ -99,10 +99,11 @@ def materialize_gradients(op, batches, n: int, timer=None, device=None):
         m = int(x.shape[0])
         if pos + m > n:
             raise DataError(f"the data holds more than the {n} ID-train samples of the statistics")
-        g = op.gradients(x, timer)
-        if tuple(g.shape) != (m, P):
-            raise DataError(f"per-sample gradients of shape {tuple(g.shape)}, expected ({m}, {P})")
-        G[pos:pos + m] = g.detach().float().cpu().numpy()   # a copy: g is the engine's buffer
+        for start, g in op.chunks(x, timer):  # one engine chunk of gradients at a time
+            c = int(g.shape[0])
+            if g.shape[1] != P or start + c > m:
+                raise DataError(f"per-sample gradients of shape {tuple(g.shape)}, expected ({m}, {P})")
+            G[pos + start:pos + start + c] = g.detach().float().cpu().numpy()  # a copy: the engine's buffer
         r = batch[2] if len(batch) > 2 else np.arange(pos, pos + m)
         rows.append(np.asarray(r.cpu() if hasattr(r, "cpu") else r, np.int64))
         pos += m

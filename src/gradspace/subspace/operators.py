@@ -189,10 +189,11 @@ class PerSampleOperator(_Base):
         return self._full_ms
 
     def gradients(self, x, timer=None) -> torch.Tensor:
-        """Normalized gradients G (N×P) for a batch; the last batch is cached for gv→gtu.
+        """Normalized gradients G (N×P) of the samples ``x`` (the last call's are cached).
 
-        G lives in the engine's reused buffer (no fresh pages per batch): it is valid
-        until the next call with another batch; copy it to keep it."""
+        G lives in the engine's reused buffer (no fresh pages per call): it is valid until
+        the next call with other samples; copy it to keep it. It holds all N rows at once:
+        the products below call it one engine chunk at a time (``chunks``)."""
         if self._cache is not None and self._cache[0] is x:
             return self._cache[1]
         if timer is not None:
@@ -207,18 +208,51 @@ class PerSampleOperator(_Base):
         self._cache = (x, g)
         return g
 
-    def gv(self, x, V: dict) -> torch.Tensor:
-        G = self.gradients(x)
+    def chunks(self, x, timer=None):
+        """``(start, G_c)`` over a batch, at most the engine's chunk of samples (its
+        ``chunk_len()``, bounded by ``max_chunk_bytes``) each: a loader batch's N×P
+        gradients are never held at once, only one chunk's. A batch within one chunk is
+        one call (and ``gradients``' cache)."""
+        step = self.engine.chunk_len()
+        if x.shape[0] <= step:
+            yield 0, self.gradients(x, timer)
+            return
+        for start in range(0, x.shape[0], step):
+            yield start, self.gradients(x[start:start + step], timer)
+
+    def _gv_chunk(self, G, V: dict) -> torch.Tensor:
         out = None
         for b, Vb in V.items():
             part = self.local.take(G, b) @ Vb.to(self.device, torch.float32)
             out = part if out is None else out + part
         return out
 
+    def gv(self, x, V: dict) -> torch.Tensor:
+        parts = [self._gv_chunk(G, V) for _, G in self.chunks(x)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
     def gtu(self, x, U: torch.Tensor, blocks=None) -> dict:
-        G = self.gradients(x)
         U = U.to(self.device, torch.float32)
-        return {b: self.local.take(G, b).T @ U for b in self.local.check_blocks(blocks)}
+        blocks = self.local.check_blocks(blocks)
+        out: dict = {}
+        for start, G in self.chunks(x):
+            Uc = U[start:start + G.shape[0]]
+            for b in blocks:
+                part = self.local.take(G, b).T @ Uc
+                out[b] = part if b not in out else out[b].add_(part)
+        return out
+
+    def gtgv(self, x, V: dict, blocks_out=None):
+        """(U = G·V, {b: G_bᵀ U}) for one batch, each chunk's gradients computed once."""
+        blocks = self.local.check_blocks(blocks_out)
+        Us, out = [], {}
+        for _, G in self.chunks(x):
+            Uc = self._gv_chunk(G, V)
+            Us.append(Uc)
+            for b in blocks:
+                part = self.local.take(G, b).T @ Uc
+                out[b] = part if b not in out else out[b].add_(part)
+        return (Us[0] if len(Us) == 1 else torch.cat(Us)), out
 
 
 def make_operator(method: str, model, layout, stats, temperature=1.0, device=None, engine=None,

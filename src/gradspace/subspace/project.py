@@ -32,17 +32,23 @@ def project_batches(op, batches, V: dict, timer, device=None):
     for x, y, rows in batches:
         x = x.to(op.device)
         if isinstance(op, PerSampleOperator):
-            with timer("gradient", device):
-                g = op.engine.batch(x, reuse_buffer=True)  # consumed in this batch
-            with timer("projection", device):
-                g = g.to(op.device, torch.float32)
-                red, gn = 0.0, 0.0
-                for b, Vb in V.items():
-                    m, s = op.norm(b)
-                    Gb = (op.local.take(g, b) - m) * s
-                    red = red + Gb @ Vb
-                    gn = gn + (Gb.double() ** 2).sum(1)
-                red, gn = red.cpu().numpy(), gn.cpu().numpy()
+            # one engine chunk at a time (never the loader batch's N x P gradients at once)
+            step = op.engine.chunk_len()
+            reds, gns = [], []
+            for start in range(0, x.shape[0], step):
+                with timer("gradient", device):
+                    g = op.engine.batch(x[start:start + step], reuse_buffer=True)  # consumed here
+                with timer("projection", device):
+                    g = g.to(op.device, torch.float32)
+                    red, gn = 0.0, 0.0
+                    for b, Vb in V.items():
+                        m, s = op.norm(b)
+                        Gb = (op.local.take(g, b) - m) * s
+                        red = red + Gb @ Vb
+                        gn = gn + (Gb.double() ** 2).sum(1)
+                    reds.append(red.cpu().numpy())
+                    gns.append(gn.cpu().numpy())
+            red, gn = np.concatenate(reds), np.concatenate(gns)
         else:
             with timer("projection", device):
                 red = op.gv(x, V).cpu().numpy()
