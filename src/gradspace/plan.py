@@ -914,7 +914,9 @@ class Planner:
             for name in sub["ensemble"]["detectors"]:
                 if name in gdets and name in self.cfg["detectors"]:
                     for ds in scored:
-                        self.stage("ensemble").add_job(8 * sz[ds] + 128, self.cal["host_base_bare"] + 3 * 8.0 * sz[ds])
+                        self.stage("ensemble").add_job(
+                            8 * sz[ds] + 128, self.cal["host_base_bare"] + 3 * 8.0 * sz[ds]
+                        )
             self.stage("subspace_diagnostics").add_job(5e4, 1e8)
         nd = int(sub["diagnostics"]["n_samples"])
         ref = min(nd, n_train) * 4.0 * P
