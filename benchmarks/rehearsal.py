@@ -647,6 +647,8 @@ def do_plans(rep: dict, override: Path, results: Path, env: dict) -> None:
                                 "(`gradspace plan --help` failed or has no --json)"}
         return
     extra = ["--device", "cpu"] if "--device" in flags else []
+    if "--probe-host" in flags:  # the job-process bases of this machine (gradspace.plan.probe_host)
+        extra.append("--probe-host")
     if "--results" in flags and results.is_dir():
         extra += ["--results", str(results)]
     plan, how = run_plan([PRESET, override], extra, env, REPO)
