@@ -42,9 +42,9 @@ sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]
 from gradspace.detectors.base import FitContext, build_detector  # noqa: E402
 from gradspace.grads import GradientEngine  # noqa: E402
 from gradspace.grads import losses as L  # noqa: E402
-from gradspace.grads.commands import GradScorer, parse_params  # noqa: E402
 from gradspace.grads.params import select_params  # noqa: E402
 from gradspace.grads.reduce import NormReducer  # noqa: E402
+from gradspace.grads.scoring import GradScorer, parse_params  # noqa: E402
 
 
 def build(arch: str):

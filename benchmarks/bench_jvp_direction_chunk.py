@@ -3,7 +3,7 @@ vjp call), with the ``persample`` operator on the same batch and basis for compa
 
 One batch of demo ID-train images (default 100) and one seeded orthonormal basis V with K'
 columns (default 26, per parameter block as the workflow stores it); every operator computes
-U = G·V (``gv``) then Gᵀ·U (``gtu``), built as ``gradspace.subspace.commands._operator``
+U = G·V (``gv``) then Gᵀ·U (``gtu``), built as ``gradspace.subspace.jobs._operator``
 builds them from the demo run's model and gradient statistics. Rounds are interleaved (every
 setting once per round, the order rotating) so that all settings see the same background
 load; the table gives the best of --repeats rounds and the median, seconds per direction,
@@ -50,7 +50,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
 
     from gradspace.runtime import hardware_description
-    from gradspace.subspace.commands import COMPUTE_DEFAULTS, _batches, _load_stats, _model, _operator
+    from gradspace.subspace.jobs import COMPUTE_DEFAULTS, _batches, _load_stats, _model, _operator
 
     dev = torch.device(args.device)
     results = Path(args.results)

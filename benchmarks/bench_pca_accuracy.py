@@ -62,7 +62,7 @@ def _digest(*parts) -> str:
 
 def materialize(results: Path, cache: Path, opts: dict):
     """G (N×P float32, normalized per-sample energy gradients of ID train), cached."""
-    from gradspace.subspace.commands import COMPUTE_DEFAULTS, _batches, _load_stats, _model, _operator
+    from gradspace.subspace.jobs import COMPUTE_DEFAULTS, _batches, _load_stats, _model, _operator
 
     dev = torch.device("cpu")
     stats = _load_stats(results / "subspace/stats/stats.zarr")

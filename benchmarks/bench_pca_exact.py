@@ -50,8 +50,8 @@ def main(argv=None):
     import yaml
 
     from gradspace.data.loader import iter_batches
-    from gradspace.subspace.commands import COMPUTE_DEFAULTS, _load_stats, _model, _operator
     from gradspace.subspace.exact import GIB, exact_pca, exact_pca_bytes
+    from gradspace.subspace.jobs import COMPUTE_DEFAULTS, _load_stats, _model, _operator
     from gradspace.subspace.power import fit_pca_in_memory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

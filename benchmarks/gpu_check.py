@@ -26,7 +26,7 @@ bf16`` where a stage has one), and reports per stage:
 Stages (what the workflow job calls):
 
 - ``extract``: ``gradspace.extract.iter_extract`` (features + logits);
-- ``grad_scores``: ``gradspace.grads.commands.GradScorer`` (GradNorm, all parameters);
+- ``grad_scores``: ``gradspace.grads.scoring.GradScorer`` (GradNorm, all parameters);
 - ``gradstats_partial``: ``subspace.stats.accumulate_moments`` with ``operators.make_engine``;
 - ``ag_partial``: ``subspace.ag.class_sums`` (persample operator, every block). Its class
   sums are P×C float64 (plus a P×C float32 product per batch): for 1000 classes that is
@@ -437,7 +437,7 @@ def stage_extract(env, model, device, bf16):
 
 
 def stage_grad_scores(env, model, device, bf16):
-    from gradspace.grads.commands import GradScorer, parse_params
+    from gradspace.grads.scoring import GradScorer, parse_params
 
     a = env.args
     prec = "bf16" if bf16 and device.type == "cuda" else "fp32"

@@ -48,7 +48,7 @@ def test_runtime_settings_round_trip_through_params():
     env = {}
     params.export_runtime_settings({"device": "cpu", "num_workers": 2, "precision": "fp32"}, env)
     assert params.read_runtime_settings(env) == {"device": "cpu", "num_workers": 2}
-    assert cli.RUNTIME_ENV == params.RUNTIME_ENV and cli.json_arg is params.json_arg
+    assert cli.RUNTIME_ENV == params.RUNTIME_ENV
 
 
 def test_bad_runtime_env_exits_2_naming_it(monkeypatch, tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gradspace.cli import main
-from gradspace.detectors import commands
+from gradspace.detectors import jobs
 from gradspace.detectors.base import FitContext, build_detector
 from gradspace.errors import ConfigError
 from gradspace.store import ShardWriter
@@ -68,7 +68,7 @@ def test_fit_score_cli_matches_in_memory(tmp_path, data, method, params):
                "--space", "feature", "--train", *data["train"], "--seed", "0", "--rows", "7",
                "--out", str(fitted)])
     assert rc == 0 and fitted.exists()
-    meta = commands.read_fitted_meta(fitted)
+    meta = jobs.read_fitted_meta(fitted)
     assert meta["method"] == method and meta["name"] == f"{method}_x" and meta["embedding"] == "feature"
     out = tmp_path / "scores" / "feature" / method / "ood.npy"
     rc = main(["score", "--fitted", str(fitted), "--shards", *data["test"], "--rows", "4", "--out", str(out)])
@@ -92,7 +92,7 @@ def test_react_cli_uses_model_head(tmp_path, data, monkeypatch):
         seen["model"] = model_path
         return FitContext(head_weight=W, head_bias=b, num_classes=C, seed=seed)
 
-    monkeypatch.setattr(commands, "_model_context", fake_context)
+    monkeypatch.setattr(jobs, "_model_context", fake_context)
     fitted = tmp_path / "react.npz"
     assert main(["fit", "--method", "react", "--params", '{"percentile": 80}', "--train", *data["train"],
                  "--model", "model.pt", "--out", str(fitted)]) == 0
@@ -110,7 +110,7 @@ def test_map_reads_another_array(tmp_path, data):
     fitted = tmp_path / "knn_reduced.npz"
     assert main(["fit", "--method", "knn", "--params", '{"k": 2}', "--space", "pca", "--map",
                  "features=reduced", "--train", *data["train"], "--out", str(fitted)]) == 0
-    meta = commands.read_fitted_meta(fitted)
+    meta = jobs.read_fitted_meta(fitted)
     assert meta["arrays"] == {"features": "reduced"}
     assert meta["space"] == "pca" and meta["embedding"] == "gradient"
     out = tmp_path / "s.npy"
@@ -175,7 +175,7 @@ def test_model_pass_detector_needs_model_and_data(tmp_path, capsys):
     rc = main(["score", "--fitted", str(fitted), "--out", str(tmp_path / "o.npy")])
     assert rc == 2 and "--model and --data-dir" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unknown key"):
-        commands.compute_params({"batch_size": 8, "bogus": 1})
+        jobs.compute_params({"batch_size": 8, "bogus": 1})
 
 
 class _LinearModel(nn.Module):

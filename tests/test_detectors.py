@@ -10,7 +10,7 @@ from scipy.special import logsumexp as sp_logsumexp
 from scipy.special import softmax as sp_softmax
 from torch import nn
 
-from gradspace.detectors import commands
+from gradspace.detectors import jobs
 from gradspace.detectors.base import FitContext, build_detector, get_detector, known_detectors
 from gradspace.detectors.vim import default_dim
 from gradspace.errors import ConfigError, DataError, NumericalError
@@ -330,8 +330,8 @@ def test_state_round_trip(tmp_path, toy, method):
     det = build_detector(method, params)
     det.fit(toy["train"], toy["ctx"])
     path = tmp_path / f"{method}.npz"
-    commands.save_fitted(path, det, f"{method}-x", "feature", {"features": "features"})
-    loaded, meta = commands.load_fitted(path)
+    jobs.save_fitted(path, det, f"{method}-x", "feature", {"features": "features"})
+    loaded, meta = jobs.load_fitted(path)
     assert meta["method"] == method and meta["name"] == f"{method}-x"
     assert loaded.hparams == det.hparams
     np.testing.assert_array_equal(loaded.score(toy["test"]), det.score(toy["test"]))
@@ -342,8 +342,8 @@ def test_bats_state_round_trip(tmp_path):
     model = TinyNet()
     det = build_detector("bats")
     det.fit({}, FitContext(extra={"model": model}))
-    commands.save_fitted(tmp_path / "b.npz", det, "bats", "feature", {})
-    loaded, _ = commands.load_fitted(tmp_path / "b.npz")
+    jobs.save_fitted(tmp_path / "b.npz", det, "bats", "feature", {})
+    loaded, _ = jobs.load_fitted(tmp_path / "b.npz")
     x = torch.randn(3, 2, 5, 5)
     torch.testing.assert_close(loaded.score_batch(model, x), det.score_batch(model, x))
 

@@ -149,7 +149,7 @@ def test_extract_shard_nan_leaves_no_store(tmp_path, monkeypatch):
 
 
 def test_extract_params_validation_and_cli(model, tmp_path, monkeypatch):
-    from gradspace.extract import register
+    from gradspace.cli.extract import register
 
     data_dir = tmp_path / "toyset"
     _fake_loader(monkeypatch, data_dir, torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), 1)

@@ -355,7 +355,7 @@ def _scorer_model():
 
 def test_grad_scorer_last_layer_equals_closed_form_detectors():
     """With params='last_weight', the engine-based scores reproduce the closed forms."""
-    from gradspace.grads.commands import GradScorer, parse_params
+    from gradspace.grads.scoring import GradScorer, parse_params
 
     model = _scorer_model()
     x = torch.randn(9, 1, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -390,7 +390,7 @@ def test_grad_scorer_last_layer_equals_closed_form_detectors():
 
 
 def test_grad_scorer_all_params_matches_naive_loop():
-    from gradspace.grads.commands import GradScorer, parse_params
+    from gradspace.grads.scoring import GradScorer, parse_params
     from test_grads_engine import naive_loop
 
     model = _scorer_model()
@@ -408,7 +408,7 @@ def test_grad_scorer_all_params_matches_naive_loop():
 
 
 def test_grad_scores_params_validation():
-    from gradspace.grads.commands import parse_params
+    from gradspace.grads.scoring import parse_params
 
     with pytest.raises(ConfigError, match="mean"):
         parse_params({})

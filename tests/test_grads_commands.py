@@ -40,7 +40,7 @@ MEAN, STD = [0.1307], [0.3081]
 def test_grad_scores_command_writes_store(setup):
     from gradspace.cli import main
     from gradspace.data.loader import iter_batches, num_samples
-    from gradspace.grads.commands import GradScorer, parse_params
+    from gradspace.grads.scoring import GradScorer, parse_params
     from gradspace.models import load_model
 
     root, data = setup
@@ -65,7 +65,7 @@ def test_grad_scores_command_writes_store(setup):
     assert sorted(idx.tolist()) == list(range(num_samples(data)))
     # same values as the scorer applied directly
     model, _ = load_model(root / "model.pt", "cpu")
-    from gradspace.grads.commands import reference_batch
+    from gradspace.grads.scoring import reference_batch
 
     p = parse_params(params)
     scorer = GradScorer(model, p, reference_batch(data, 10, p, torch.device("cpu")))
@@ -76,7 +76,7 @@ def test_grad_scores_command_writes_store(setup):
         np.testing.assert_allclose(np.asarray(g0[k][:7]), direct[k], rtol=1e-5)
 
     # read back by the generic fit/score commands
-    from gradspace.detectors.commands import fit_detector, score_fitted
+    from gradspace.detectors.jobs import fit_detector, score_fitted
 
     fitted = root / "det.npz"
     fit_detector("stored_grad_score", {"key": "gradnorm_all"}, [], fitted, space="feature")

@@ -327,7 +327,7 @@ def test_grad_scores_unchanged_by_reduction_path(strategy, params, monkeypatch):
     import numpy as np
 
     from gradspace.grads import engine as E
-    from gradspace.grads.commands import GradScorer, parse_params
+    from gradspace.grads.scoring import GradScorer, parse_params
 
     model = tiny_resnet(num_classes=3)
     spec = ["layer2"] if params == "block" else "all"
@@ -352,7 +352,7 @@ def test_grad_scores_unchanged_by_reduction_path(strategy, params, monkeypatch):
 def test_grad_scores_fp32_within_float32_rounding():
     import numpy as np
 
-    from gradspace.grads.commands import GradScorer, parse_params
+    from gradspace.grads.scoring import GradScorer, parse_params
 
     model = tiny_resnet(num_classes=3, dtype=torch.float32)
     x = torch.randn(5, 3, 8, 8, generator=torch.Generator().manual_seed(6))
@@ -367,7 +367,7 @@ def test_grad_scores_fp32_within_float32_rounding():
 
 
 def test_grad_scores_max_chunk_mb():
-    from gradspace.grads.commands import GradScorer, parse_params
+    from gradspace.grads.scoring import GradScorer, parse_params
 
     base = {"mean": [0.0], "std": [1.0]}
     for bad in (0, -1, "x", True):
@@ -381,7 +381,7 @@ def test_grad_scores_max_chunk_mb():
 def test_grad_scores_gradnorm_only_skips_the_probability_forward():
     import numpy as np
 
-    from gradspace.grads.commands import GradScorer, parse_params
+    from gradspace.grads.scoring import GradScorer, parse_params
 
     model = tiny_resnet(num_classes=3)
     x = _x((3, 8, 8), n=5)

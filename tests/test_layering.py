@@ -123,16 +123,42 @@ def test_graph_sees_function_local_and_relative_imports():
     # store.open_store is imported inside a function of data.manifest; cli imports params.
     assert "gradspace.store" in GRAPH["gradspace.data.manifest"]
     assert "gradspace.params" in GRAPH["gradspace.cli"]
+    assert "gradspace.metrics" in GRAPH["gradspace.cli.metrics"]
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
 
 
+def _is_cli(module: str) -> bool:
+    return module == "gradspace.cli" or module.startswith("gradspace.cli.")
+
+
 def test_library_never_imports_the_cli():
-    importers = {m for m, deps in GRAPH.items() if "gradspace.cli" in deps and m != "gradspace.cli"}
+    importers = {m for m, deps in GRAPH.items() if not _is_cli(m) and any(map(_is_cli, deps))}
     new = importers - KNOWN_CLI_IMPORTS
-    assert not new, (f"library modules import gradspace.cli: {sorted(new)}; import json_arg, "
+    assert not new, (f"library modules import gradspace.cli: {sorted(new)}; import "
                      "export_runtime_settings etc. from gradspace.params instead")
     fixed = KNOWN_CLI_IMPORTS - importers
     assert not fixed, f"no longer import gradspace.cli, remove from KNOWN_CLI_IMPORTS: {sorted(fixed)}"
+
+
+def test_argument_parsing_lives_only_in_the_cli_package():
+    """No library module defines a ``register`` for argparse or imports argparse: every
+    command's parser is in ``gradspace.cli.<stage>``, which calls into the library."""
+    offenders = []
+    for module, (path, _) in MODULES.items():
+        if _is_cli(module):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import) and any(a.name == "argparse" for a in node.names):
+                offenders.append(f"{module} imports argparse")
+            elif isinstance(node, ast.ImportFrom) and node.module == "argparse":
+                offenders.append(f"{module} imports from argparse")
+            elif isinstance(node, ast.FunctionDef) and node.name == "register":
+                offenders.append(f"{module} defines register()")
+    assert not offenders, offenders
+    from gradspace.cli import COMMAND_MODULES
+
+    assert all(m.startswith("gradspace.cli.") and m in MODULES for m in COMMAND_MODULES)
 
 
 def test_workflow_never_imports_the_cli():
@@ -162,15 +188,14 @@ def test_params_module_is_light():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_importing_and_registering_leaves_cli_unloaded():
-    """In a fresh interpreter, importing every library module and running the command
-    modules' ``register`` (where the lazy ``json_arg`` imports are) loads no gradspace.cli."""
-    from gradspace.cli import COMMAND_MODULES
+def test_importing_the_library_leaves_cli_unloaded():
+    """In a fresh interpreter, importing every library module loads no gradspace.cli
+    module; building the whole parser then registers every command."""
+    from gradspace.cli import COMMANDS
 
-    mods = sorted(m for m in MODULES if m != "gradspace.cli" and m not in KNOWN_CLI_IMPORTS)
-    commands = [m for m in COMMAND_MODULES if m not in KNOWN_CLI_IMPORTS]
+    mods = sorted(m for m in MODULES if not _is_cli(m) and m not in KNOWN_CLI_IMPORTS)
     code = f"""
-import argparse, importlib, sys
+import importlib, sys
 for m in {mods!r}:
     try:
         importlib.import_module(m)
@@ -178,17 +203,17 @@ for m in {mods!r}:
         if not (exc.name or "").startswith("gradspace"):
             continue  # optional dependency missing here
         raise
-sub = argparse.ArgumentParser().add_subparsers()
-for m in {commands!r}:
-    importlib.import_module(m).register(sub)
-    if "gradspace.cli" in sys.modules:
-        sys.exit("register of " + m + " loaded gradspace.cli")
-if "gradspace.cli" in sys.modules:
-    sys.exit("importing the library loaded gradspace.cli")
+loaded = [m for m in sys.modules if m == "gradspace.cli" or m.startswith("gradspace.cli.")]
+if loaded:
+    sys.exit("importing the library loaded " + ", ".join(loaded))
+from gradspace.cli import build_parser
+sub = build_parser()._subparsers._group_actions[0]
+print(" ".join(sorted(sub.choices)))
 """
     env = {**os.environ, "PYTHONPATH": str(PKG.parent)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.split() == sorted(COMMANDS)
 
 
 def test_manifest_shards_env_matches_params(monkeypatch):

@@ -412,7 +412,7 @@ def _fake_loader(monkeypatch, datasets: dict):
 
 
 def test_train_command_and_model_card(tmp_path, monkeypatch):
-    from gradspace.models.commands import model_card_command, train_command
+    from gradspace.models.jobs import model_card_command, train_command
     from gradspace.store import ShardWriter
 
     x, y = _separable(128)
@@ -452,7 +452,7 @@ def test_train_command_and_model_card(tmp_path, monkeypatch):
 
 
 def test_load_model_command_normalizes_torchvision(torch_home, tmp_path):
-    from gradspace.models.commands import load_model_command
+    from gradspace.models.jobs import load_model_command
 
     _, sd = _fake_resnet18_weights(torch_home)
     out = tmp_path / "model.pt"

@@ -227,23 +227,3 @@ def extract_shard(model_path, data_dir, shard: int, out, params: dict | None = N
     log.info("extracted %s: %d samples in %.2fs (%.0f samples/s) -> %s", where, n, seconds,
              n / max(seconds, 1e-9), out)
     return attrs
-
-
-def register(subparsers) -> None:
-    from .params import json_arg
-
-    p = subparsers.add_parser(
-        "extract", help="forward pass over one shard -> embedding store (logits, features, ...)",
-        description="Run the model over one shard of a prepared dataset and write logits, "
-                    "penultimate features, labels, predictions and manifest rows to a Zarr store.")
-    p.add_argument("--model", required=True, help="normalized checkpoint (model.pt)")
-    p.add_argument("--data-dir", required=True, help="prepared dataset directory")
-    p.add_argument("--shard", required=True, type=int, help="shard number")
-    p.add_argument("--params", type=json_arg, default={},
-                   help="JSON: batch_size (256), num_workers (0), device (auto), "
-                        "precision (fp32|bf16|tf32), mean, std")
-    p.add_argument("--out", required=True, help="output store shard-K.zarr")
-    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    p.set_defaults(func=lambda a: extract_shard(a.model, a.data_dir, a.shard, a.out, a.params,
-                                                progress=not a.no_progress),
-                   runtime_into=("params",))

@@ -528,7 +528,7 @@ def _parse_reconstruction(values: Sequence[str] | None) -> dict[str, str]:
     return out
 
 
-def _cmd_findings(args) -> None:
+def cmd_findings(args) -> None:
     df = read_metrics(args.metrics)
     if len(df) == 0:
         raise DataError(f"metrics file '{args.metrics}' has no rows")
@@ -547,25 +547,3 @@ def _cmd_findings(args) -> None:
     for scope, c in summary_counts(findings).items():
         log.info("findings, scope %s: %d hold, %d do not, %d not testable", scope, c[YES], c[NO],
                  c[NOT_TESTABLE])
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "findings", help="test the papers' qualitative claims on a run's metrics",
-        description="Write findings.csv: each claim of the papers this run can test, the paper's "
-                    "figure, the run's figure (computed from metrics.csv and the subspace "
-                    "diagnostics) and whether it holds.")
-    p.add_argument("--metrics", required=True, help="metrics.csv written by `gradspace evaluate`")
-    p.add_argument("--detectors", default=None,
-                   help='JSON (inline or file): the feature detectors {"<name>": {"method"?, ...hparams}}')
-    p.add_argument("--grad-scores", default=None,
-                   help='JSON (inline or file): gradients.scores {"<key>": {"kind", ...}}')
-    p.add_argument("--reconstruction", nargs="*", default=[], metavar="SPACE=CSV",
-                   help="subspace diagnostics reconstruction.csv per space, e.g. pca=.../reconstruction.csv")
-    p.add_argument("--groups", default=None,
-                   help='JSON (inline or file): metrics.groups {"<group>": ["<OOD set>", ...]}')
-    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                   help="AUROC margin (fraction) of 'matches or beats' (default 0.005)")
-    p.add_argument("--out-csv", required=True, help="findings.csv")
-    p.add_argument("--out-md", default=None, help="findings.md (Markdown table)")
-    p.set_defaults(func=_cmd_findings)

@@ -1,12 +1,11 @@
 """What the workflow hands to a job besides its inputs: the ``--params`` JSON blobs and the
 settings exported through the environment.
 
-The library side of the workflow → job handoff, so that library modules (the command
-modules' ``register``, ``store``) and ``workflow/rules/common.smk`` never import
+The library side of the workflow → job handoff, so that library modules (``store``, the
+stages' ``cmd_*`` functions) and ``workflow/rules/common.smk`` never import
 ``gradspace.cli``; ``cli`` imports from here. Standard library only: the workflow's
 parse and every array job import this module.
 
-* ``json_arg``: the argparse type of ``--params`` / ``--compute`` (a JSON object).
 * ``$GRADSPACE_RUNTIME`` (``RUNTIME_ENV``): speed-only compute settings (device, batch size,
   data-loader workers). They change how fast a job runs, not what it writes, so they are
   not rule params and changing them reruns nothing. The workflow exports them with
@@ -18,23 +17,11 @@ parse and every array job import this module.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from collections.abc import Iterable, Mapping, MutableMapping
 
 from .errors import ConfigError
-
-
-def json_arg(text: str) -> dict:
-    """argparse type for --params: a JSON object."""
-    try:
-        value = json.loads(text) if text else {}
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object")
-    return value
 
 
 def require(params: Mapping, *keys: str, where: str = "--params") -> None:

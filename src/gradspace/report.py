@@ -631,28 +631,8 @@ def write_report(out_dir: str | os.PathLike, page: str, figures: Mapping[str, by
         (tmp / "index.html").write_text(page, encoding="utf-8")
 
 
-def _cmd_report(args) -> None:
+def cmd_report(args) -> None:
     page, figures = build_report(args.metrics, args.card, args.scores, args.benchmarks, args.timing,
                                  args.sections, args.title)
     write_report(args.out_dir, page, figures)
     log.info("wrote %s/index.html with %d figures", args.out_dir, len(figures))
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "report", help="self-contained HTML report (tables, figures, run times)",
-        description="Write OUT_DIR/index.html (figures embedded) and OUT_DIR/figures/*.png.")
-    p.add_argument("--metrics", required=True, help="metrics.csv written by `gradspace evaluate`")
-    p.add_argument("--card", default=None, help="model card JSON")
-    p.add_argument("--scores", nargs="*", default=[], metavar="NPY",
-                   help="score files .../scores/<space>/<detector>/<dataset>.npy for histograms and ROC")
-    p.add_argument("--benchmarks", nargs="*", default=[], metavar="TSV",
-                   help="Snakemake benchmark TSV files for the run-time table")
-    p.add_argument("--timing", nargs="*", default=[], metavar="JSON",
-                   help="timing JSON files, one table each")
-    p.add_argument("--sections", nargs="*", default=[], metavar="JSON",
-                   help='extra sections: inline JSON or JSON files, each a list of '
-                        '{"title", "caption"?, "csv"? | "markdown"? | "image"?}')
-    p.add_argument("--title", default="gradspace report", help="report title")
-    p.add_argument("--out-dir", required=True, help="output directory (replaced atomically)")
-    p.set_defaults(func=_cmd_report)

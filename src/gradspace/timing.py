@@ -97,7 +97,7 @@ def table11(bench_dir, subspaces: dict[str, str], card: dict | None) -> list[dic
 def table12(reduced: dict[str, dict[str, list[str]]], fitted: dict[str, list[str]],
             id_dataset: str = "id_test") -> list[dict]:
     """reduced: space -> dataset -> stores; fitted: space -> fitted detector files."""
-    from .detectors.commands import load_fitted, score_arrays
+    from .detectors.jobs import load_fitted, score_arrays
     from .runtime import Timer, hardware_description
     from .store import open_store
 
@@ -153,7 +153,7 @@ def _parse_map(items, what) -> dict:
     return out
 
 
-def _cmd(args) -> None:
+def cmd_timing_tables(args) -> None:
     card = json.loads(Path(args.card).read_text()) if args.card else None
     subspaces = _parse_map(args.subspace, "--subspace")
     reduced: dict[str, dict[str, list[str]]] = defaultdict(dict)
@@ -168,15 +168,3 @@ def _cmd(args) -> None:
         _write_csv(tmp / "table11_subspace_time.csv", table11(args.bench_dir, subspaces, card))
         _write_csv(tmp / "table12_detection_time.csv", table12(reduced, fitted))
     log.info("timing tables -> %s", out)
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("timing-tables", help="the paper's Tables 11 and 12 from this run")
-    p.add_argument("--bench-dir", required=True, help="the run's Snakemake benchmark directory")
-    p.add_argument("--card", default=None, help="model card JSON")
-    p.add_argument("--subspace", action="append", default=[], metavar="SPACE=STORE")
-    p.add_argument("--reduced", action="append", default=[], metavar="SPACE:DATASET=STORE[,STORE]")
-    p.add_argument("--fitted", nargs="*", default=[], help="fitted gradient-space detectors "
-                   "(detectors/<space>/<name>.npz)")
-    p.add_argument("--out-dir", required=True)
-    p.set_defaults(func=_cmd)

@@ -215,24 +215,8 @@ def _write_images(path: Path, source, index: np.ndarray, size: int, channels: in
             w.write("images", start, resize_batch(convert_channels(raw, channels), size))
 
 
-def _run(args) -> None:
+def cmd_prepare(args) -> None:
     from ..runtime import set_threads
 
     set_threads()
     prepare_dataset(args.dataset, args.params, args.seed, args.out)
-
-
-def register(subparsers) -> None:
-    from ..params import json_arg
-
-    p = subparsers.add_parser(
-        "prepare", help="prepare one dataset: manifest.csv, info.json, images.zarr",
-        description="Prepare one dataset: manifest.csv, info.json and (array sources) images.zarr, "
-                    "written atomically to --out.")
-    p.add_argument("--dataset", required=True, help="dataset name (id_train, id_test or an OOD name)")
-    p.add_argument("--params", type=json_arg, required=True,
-                   help='JSON object: {"role", "source": {"kind", ...}, "num_classes", "test_fraction", '
-                        '"train_subsample", "n", "shards", "image_size", "channels"}')
-    p.add_argument("--seed", type=int, default=0, help="seed for splits, subsets and crops")
-    p.add_argument("--out", required=True, help="output directory (written atomically)")
-    p.set_defaults(func=_run)

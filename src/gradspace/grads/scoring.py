@@ -356,28 +356,10 @@ def run_grad_scores(model_path, data_dir, shard, params: dict | None, out, ref_d
     return attrs
 
 
-def _cmd(args) -> None:
+def cmd_grad_scores(args) -> None:
     from ..runtime import seed_everything, set_threads
 
     set_threads()
     params = dict(args.params)
     seed_everything(int(params.get("seed", 0)))
     run_grad_scores(args.model, args.data_dir, args.shard, params, args.out, args.ref_data_dir)
-
-
-def register(subparsers) -> None:
-    from ..params import json_arg
-
-    p = subparsers.add_parser("grad-scores", help="block/all-parameter gradient-norm scores "
-                              "(GradNorm, ExGrad, Igoe et al. variants, BatchGrad) for one shard")
-    p.add_argument("--model", required=True, help="model checkpoint (model/model.pt)")
-    p.add_argument("--data-dir", required=True, help="prepared dataset directory")
-    p.add_argument("--shard", type=int, default=None, help="shard number (default: all shards)")
-    p.add_argument("--params", type=json_arg, default={},
-                   help="JSON: params, temperature, strategy, chunk_size, precision, max_chunk_mb "
-                        "(gradient workspace per step, MiB; default 1024), device, batch_size, "
-                        "num_workers, mean, std, seed, scores")
-    p.add_argument("--ref-data-dir", default=None,
-                   help="ID-train dataset for BatchGrad's reference points")
-    p.add_argument("--out", required=True, help="output store gradscores/<dataset>/shard-K.zarr")
-    p.set_defaults(func=_cmd, runtime_into=("params",))

@@ -1,65 +1,80 @@
 """The ``gradspace`` command line. Snakemake rules call these subcommands.
 
-Each module in COMMAND_MODULES exposes ``register(subparsers)`` that adds its
-subcommands and sets ``func`` on the parser. GradspaceError becomes a one-line
-``error:`` message and exit status 2.
+This package holds the argument parsing and nothing else: each module in COMMAND_MODULES
+(one per stage) exposes ``register(subparsers)``, which adds its subcommands and sets
+``func`` to the library function the command runs (``cmd_*`` in the stage's library
+module: it reads the parsed arguments and calls the stage's functions). The library
+never imports this package. GradspaceError becomes a one-line ``error:`` message and
+exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import os
 import sys
 
-from .errors import GradspaceError
+from ..errors import GradspaceError
 
-# The library side of the workflow handoff lives in gradspace.params (library modules and
-# the workflow import it from there, never from this module); re-exported for callers.
-from .params import (  # noqa: F401
+# The library side of the workflow handoff lives in gradspace.params (the workflow imports
+# it from there, never from this package); re-exported for callers.
+from ..params import (  # noqa: F401
     RUNTIME_ENV,
     RUNTIME_KEYS,
     export_runtime_settings,
-    json_arg,
     merge_runtime_settings,
     read_runtime_settings,
 )
 
 COMMAND_MODULES = [
-    "gradspace.data.prepare",
-    "gradspace.models.commands",
-    "gradspace.extract",
-    "gradspace.detectors.commands",
-    "gradspace.metrics",
-    "gradspace.findings",
-    "gradspace.report",
-    "gradspace.grads.commands",
-    "gradspace.subspace.commands",
-    "gradspace.timing",
-    "gradspace.verify",
-    "gradspace.plan",
+    "gradspace.cli.prepare",
+    "gradspace.cli.models",
+    "gradspace.cli.extract",
+    "gradspace.cli.detectors",
+    "gradspace.cli.metrics",
+    "gradspace.cli.findings",
+    "gradspace.cli.report",
+    "gradspace.cli.grads",
+    "gradspace.cli.subspace",
+    "gradspace.cli.timing",
+    "gradspace.cli.verify",
+    "gradspace.cli.plan",
 ]
+
+
+def json_arg(text: str) -> dict:
+    """argparse type for --params / --compute: a JSON object."""
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object")
+    return value
+
 
 # Which module registers each subcommand, so that a job imports only what it runs
 # (an array-detector `score` job must not pay for importing torch). A test checks that
 # this table matches what the modules register.
 COMMANDS = {
-    "prepare": "gradspace.data.prepare",
-    "train": "gradspace.models.commands",
-    "load-model": "gradspace.models.commands",
-    "model-card": "gradspace.models.commands",
-    "extract": "gradspace.extract",
-    "fit": "gradspace.detectors.commands",
-    "score": "gradspace.detectors.commands",
-    "evaluate": "gradspace.metrics",
-    "findings": "gradspace.findings",
-    "report": "gradspace.report",
-    "grad-scores": "gradspace.grads.commands",
-    "timing-tables": "gradspace.timing",
-    "verify-stores": "gradspace.verify",
-    "plan": "gradspace.plan",
-    **{name: "gradspace.subspace.commands" for name in (
+    "prepare": "gradspace.cli.prepare",
+    "train": "gradspace.cli.models",
+    "load-model": "gradspace.cli.models",
+    "model-card": "gradspace.cli.models",
+    "extract": "gradspace.cli.extract",
+    "fit": "gradspace.cli.detectors",
+    "score": "gradspace.cli.detectors",
+    "evaluate": "gradspace.cli.metrics",
+    "findings": "gradspace.cli.findings",
+    "report": "gradspace.cli.report",
+    "grad-scores": "gradspace.cli.grads",
+    "timing-tables": "gradspace.cli.timing",
+    "verify-stores": "gradspace.cli.verify",
+    "plan": "gradspace.cli.plan",
+    **{name: "gradspace.cli.subspace" for name in (
         "gradstats-partial", "gradstats-reduce", "ag-partial", "ag-reduce", "pca-init",
         "pca-pass", "pca-gv", "pca-reduce", "pca-diagnostics", "pca-settings", "pca-lift", "pca-finalize",
         "pca-solver", "pca-exact",
@@ -85,7 +100,7 @@ def _merge_runtime_settings(args) -> None:
 
 def build_parser(modules: list[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser; ``modules`` limits which command modules are imported."""
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="gradspace", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"gradspace {__version__}")
@@ -116,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _merge_runtime_settings(args)
         args.func(args)
-        from .runtime import peak_memory_line
+        from ..runtime import peak_memory_line
 
         line = peak_memory_line()
         if line:  # for sizing mem_mb; Snakemake's sampled max_rss misses short peaks
