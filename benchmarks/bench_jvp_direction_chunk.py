@@ -49,17 +49,18 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    from gradspace.job import batch_source, open_model
     from gradspace.runtime import hardware_description
-    from gradspace.subspace.jobs import COMPUTE_DEFAULTS, _batches, _load_stats, _model, _operator
+    from gradspace.subspace.jobs import _load_stats, _operator, job_options
 
     dev = torch.device(args.device)
     results = Path(args.results)
     opts = demo_options(args.config)
     stats = _load_stats(results / "subspace/stats/stats.zarr")
-    model, _ = _model(results / "model/model.pt", dev)
-    o = {**COMPUTE_DEFAULTS, "batch_size": args.n, "chunk_size": opts["chunk_size"], "mean": opts["mean"],
-         "std": opts["std"], "device": args.device}
-    x = next(iter(_batches(results / "data/id_train", None, o, dev)()))[0][: args.n].contiguous()
+    _, model, _ = open_model(results / "model/model.pt", {'device': str(dev)})
+    o = job_options({"batch_size": args.n, "chunk_size": opts["chunk_size"], "mean": opts["mean"],
+                     "std": opts["std"], "device": args.device})
+    x = next(iter(batch_source(results / "data/id_train", None, o, dev)()))[0][: args.n].contiguous()
     layout = stats.layout
     K = args.columns
     rng = np.random.default_rng(args.seed)

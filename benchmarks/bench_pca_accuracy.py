@@ -62,7 +62,8 @@ def _digest(*parts) -> str:
 
 def materialize(results: Path, cache: Path, opts: dict):
     """G (N×P float32, normalized per-sample energy gradients of ID train), cached."""
-    from gradspace.subspace.jobs import COMPUTE_DEFAULTS, _batches, _load_stats, _model, _operator
+    from gradspace.job import batch_source, open_model
+    from gradspace.subspace.jobs import _load_stats, _operator, job_options
 
     dev = torch.device("cpu")
     stats = _load_stats(results / "subspace/stats/stats.zarr")
@@ -76,12 +77,12 @@ def materialize(results: Path, cache: Path, opts: dict):
         print(f"G {G.shape} from the cache ({gpath.name})", flush=True)
         return G, key, 0.0
     t0 = time.perf_counter()
-    model, _ = _model(results / "model/model.pt", dev)
-    o = {**COMPUTE_DEFAULTS, "batch_size": opts["batch_size"], "chunk_size": opts["chunk_size"],
-         "mean": opts["mean"], "std": opts["std"], "device": "cpu"}
+    _, model, _ = open_model(results / "model/model.pt", {'device': str(dev)})
+    o = job_options({"batch_size": opts["batch_size"], "chunk_size": opts["chunk_size"],
+                     "mean": opts["mean"], "std": opts["std"], "device": "cpu"})
     op = _operator("persample", model, stats, o, dev)
     rows, idx = [], []
-    for x, _, r in _batches(results / "data/id_train", None, o, dev)():
+    for x, _, r in batch_source(results / "data/id_train", None, o, dev)():
         rows.append(op.gradients(x).clone().numpy())     # the operator's buffer is reused
         idx.append(np.asarray(r))
     G = np.ascontiguousarray(np.concatenate(rows), dtype=np.float32)

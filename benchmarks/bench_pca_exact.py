@@ -50,8 +50,9 @@ def main(argv=None):
     import yaml
 
     from gradspace.data.loader import iter_batches
+    from gradspace.job import open_model
     from gradspace.subspace.exact import GIB, exact_pca, exact_pca_bytes
-    from gradspace.subspace.jobs import COMPUTE_DEFAULTS, _load_stats, _model, _operator
+    from gradspace.subspace.jobs import _load_stats, _operator, job_options
     from gradspace.subspace.power import fit_pca_in_memory
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,8 +70,8 @@ def main(argv=None):
     res = Path(a.results)
     dev = torch.device("cpu")
     stats = _load_stats(res / "subspace/stats/stats.zarr")
-    model, _ = _model(res / "model/model.pt", dev)
-    o = {**COMPUTE_DEFAULTS, "chunk_size": int(sub.get("chunk_size", 256))}
+    _, model, _ = open_model(res / "model/model.pt", {'device': str(dev)})
+    o = job_options({"chunk_size": int(sub.get("chunk_size", 256))})
     op = _operator("persample", model, stats, o, dev)
     layout = stats.layout
 

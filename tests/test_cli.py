@@ -57,3 +57,40 @@ def test_bad_runtime_env_exits_2_naming_it(monkeypatch, tmp_path, capsys):
                    "--out-csv", str(tmp_path / "m.csv")])
     assert rc == 2
     assert "GRADSPACE_RUNTIME" in capsys.readouterr().err
+
+
+def test_merge_params_is_the_one_merge_with_schema_defaults():
+    """Unknown keys name the command and the known keys; required keys must be given;
+    Schema defaults are the config schema's own; optional keys are kept only when given."""
+    import yaml
+
+    from gradspace.errors import ConfigError
+    from gradspace.params import SCHEMA_PATH, Schema, merge_params, schema_default
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    want = schema["properties"]["compute"]["properties"]["batch_size"]["default"]
+    defaults = {"batch_size": Schema("compute.batch_size"), "alpha": 0.5}
+    assert merge_params({}, defaults, "x --params") == {"batch_size": want, "alpha": 0.5}
+    assert merge_params({"alpha": 2, "k": 3}, defaults, "x", optional=("k",)) == {
+        "batch_size": want, "alpha": 2, "k": 3}
+    assert "k" not in merge_params({}, defaults, "x", optional=("k",))
+    with pytest.raises(ConfigError, match=r"x --params: unknown key\(s\) \['bogus'\]; known: .*alpha"):
+        merge_params({"bogus": 1}, defaults, "x --params")
+    with pytest.raises(ConfigError, match="missing key.*'k'"):
+        merge_params({}, defaults, "x --params", required=("k",))
+    with pytest.raises(ConfigError, match="no key 'subspace.nope'"):
+        schema_default("subspace.nope")
+    assert schema_default("subspace.k") == schema["properties"]["subspace"]["properties"]["k"]["default"]
+
+
+def test_unknown_key_checks_live_in_one_place():
+    """Every command's options go through gradspace.params.merge_params: no module keeps
+    its own unknown-key check (issue 11: one parameter-merging helper)."""
+    from pathlib import Path
+
+    import gradspace
+
+    pkg = Path(gradspace.__file__).parent
+    own = [str(p.relative_to(pkg)) for p in pkg.rglob("*.py")
+           if p.name != "params.py" and "unknown key" in p.read_text().replace("(unknown key,", "")]
+    assert not own, own

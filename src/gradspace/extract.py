@@ -32,13 +32,15 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, NumericalError
+from .params import Schema, merge_params
 from .runtime import paused_iter
 
 log = logging.getLogger(__name__)
 
 ARRAYS = ("logits", "features", "labels", "preds", "index")
 PRECISIONS = ("fp32", "bf16", "tf32")
-DEFAULTS = {"batch_size": 256, "num_workers": 0, "device": "auto", "precision": "fp32",
+DEFAULTS = {"batch_size": Schema("compute.batch_size"), "num_workers": Schema("compute.num_workers"),
+            "device": Schema("compute.device"), "precision": Schema("compute.precision"),
             "mean": None, "std": None}
 
 
@@ -154,25 +156,21 @@ def extract_shard(model_path, data_dir, shard: int, out, params: dict | None = N
     import torch
     from tqdm.auto import tqdm
 
-    from .data.loader import iter_batches, num_samples, read_info
-    from .models import load_model
-    from .runtime import Timer, hardware_description, resolve_device, set_threads
+    from .data.loader import num_samples, read_info
+    from .job import batch_source, open_model
+    from .runtime import Timer, hardware_description, set_threads
     from .store import ShardWriter
 
-    params = {**DEFAULTS, **dict(params or {})}
-    unknown = sorted(set(params) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"extract --params: unknown key(s) {unknown}; known: {sorted(DEFAULTS)}")
+    params = merge_params(params, DEFAULTS, "extract --params")
     if params["precision"] not in PRECISIONS:
         raise ConfigError(f"extract --params precision '{params['precision']}' is not one of "
                           f"{', '.join(PRECISIONS)}")
     set_threads()
     data_dir = Path(data_dir)
-    device = resolve_device(params["device"])
     info = read_info(data_dir)
     name = info.get("name", data_dir.name)
     where = f"dataset '{name}' ({data_dir}) shard {shard}"
-    model, meta = load_model(model_path, device)
+    device, model, meta = open_model(model_path, params)
     model.to(memory_format=torch.channels_last)  # NHWC: faster convolutions on CPU and GPU
     if int(info.get("channels", model.in_channels)) != model.in_channels:
         from .errors import ModelError
@@ -181,9 +179,7 @@ def extract_shard(model_path, data_dir, shard: int, out, params: dict | None = N
                          f"{model.in_channels}")
     n = num_samples(data_dir, shard)
     c, d = model.num_classes, model.feature_dim
-    batches = iter_batches(data_dir, shard=shard, batch_size=int(params["batch_size"]),
-                           shuffle=False, num_workers=int(params["num_workers"]),
-                           mean=params["mean"], std=params["std"], device=device)
+    batches = batch_source(data_dir, shard, params, device, normalized=False)()
     timer = Timer()
     attrs = {"dataset": name, "role": info.get("role"), "shard": int(shard),
              "model": str(model_path), "arch": model.arch, "n": n, "num_classes": c,

@@ -17,11 +17,78 @@ parse and every array job import this module.
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import os
 from collections.abc import Iterable, Mapping, MutableMapping
+from pathlib import Path
 
 from .errors import ConfigError
+
+# The workflow's config schema: the one source of every default. A job's ``--params``
+# take a key's default from here (``Schema``) when the caller leaves it out.
+SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+
+
+class Schema:
+    """A default that is the config schema's default of ``key`` (dotted, e.g.
+    ``"compute.batch_size"``); resolved only when a job's params leave the key out."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def __repr__(self) -> str:
+        return f"Schema({self.key!r})"
+
+
+@functools.lru_cache(maxsize=1)
+def _schema() -> dict:
+    import yaml
+
+    if not SCHEMA_PATH.is_file():
+        raise ConfigError(f"config schema {SCHEMA_PATH} not found (the defaults of job params come from it)")
+    with open(SCHEMA_PATH) as fh:
+        return yaml.safe_load(fh)
+
+
+def schema_default(key: str):
+    """The schema's default of the dotted config ``key`` (a copy)."""
+    node = _schema()
+    for part in key.split("."):
+        try:
+            node = node["properties"][part]
+        except (KeyError, TypeError):
+            raise ConfigError(f"config schema {SCHEMA_PATH.name} has no key '{key}'") from None
+    if "default" not in node:
+        raise ConfigError(f"config schema {SCHEMA_PATH.name}: '{key}' has no default")
+    return copy.deepcopy(node["default"])
+
+
+def merge_params(params: Mapping | None, defaults: Mapping, where: str, required: Iterable[str] = (),
+                 optional: Iterable[str] = (), noun: str = "key") -> dict:
+    """A job's ``--params`` over its ``defaults``: every command merges its options here.
+
+    Keys outside ``defaults``, ``required`` and ``optional`` are a ConfigError naming
+    ``where`` and the known keys; ``required`` keys (values the workflow always passes from
+    the config) must be present; ``optional`` ones are kept when given. A default given
+    as ``Schema("section.key")`` is the config schema's, so a command never holds a
+    second copy of a config default."""
+    params = dict(params or {})
+    required = tuple(required)
+    known = set(defaults) | set(required) | set(optional)
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown {noun}(s) {unknown}; known: {sorted(known)}")
+    require(params, *required, where=where)
+    def default(v):
+        return schema_default(v.key) if isinstance(v, Schema) else copy.deepcopy(v)
+
+    out = {k: params[k] if k in params else default(v) for k, v in defaults.items()}
+    out.update(params)  # in the order of {**defaults, **params}
+    return out
 
 
 def require(params: Mapping, *keys: str, where: str = "--params") -> None:

@@ -77,6 +77,7 @@ from .metrics import (
     spread_lines,
     table_columns,
 )
+from .params import merge_params
 
 log = logging.getLogger(__name__)
 
@@ -317,10 +318,7 @@ def load_sections(values: Sequence) -> list[dict]:
                 raise ConfigError(f"{where}: expected an object, got {type(sec).__name__}")
             if not isinstance(sec.get("title"), str) or not sec["title"].strip():
                 raise ConfigError(f"{where}: 'title' (non-empty string) is required")
-            unknown = set(sec) - {"title", "caption", *SECTION_CONTENT_KEYS}
-            if unknown:
-                raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; known: title, caption, "
-                                  f"{', '.join(SECTION_CONTENT_KEYS)}")
+            merge_params(sec, {}, where, optional={"title", "caption", *SECTION_CONTENT_KEYS})
             if not any(sec.get(key) for key in SECTION_CONTENT_KEYS):
                 raise ConfigError(f"{where} ('{sec['title']}'): needs one of "
                                   f"{', '.join(SECTION_CONTENT_KEYS)}")

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..files import atomic_path
+from ..params import Schema, merge_params
 from .imageops import convert_channels, resize_batch
 from .manifest import FORMAT_VERSION, IMAGES, INFO, MANIFEST, shard_assignment, write_manifest
 from .sources import ID_ROLES, ROLES, SourceContext, get_source, subset_classes
@@ -39,10 +40,10 @@ PARAM_DEFAULTS = {
     "role": None,
     "source": None,
     "num_classes": None,
-    "test_fraction": 0.2,
+    "test_fraction": Schema("data.id.test_fraction"),
     "train_subsample": None,
     "n": None,
-    "shards": 1,
+    "shards": Schema("data.shards"),
     "image_size": None,
     "channels": None,
 }
@@ -58,11 +59,7 @@ def _positive_int(name: str, key: str, value, allow_none: bool = True) -> int | 
 
 def validate_params(name: str, params: dict) -> dict:
     """Fill defaults and check types; ConfigError names the offending key."""
-    unknown = sorted(set(params) - set(PARAM_DEFAULTS))
-    if unknown:
-        raise ConfigError(f"dataset '{name}': unknown params key(s) {unknown} "
-                          f"(known: {sorted(PARAM_DEFAULTS)})")
-    p = {**PARAM_DEFAULTS, **params}
+    p = merge_params(params, PARAM_DEFAULTS, f"dataset '{name}'", noun="params key")
     if p["role"] not in ROLES:
         raise ConfigError(f"dataset '{name}': params 'role' must be one of {list(ROLES)}, got {p['role']!r}")
     src = p["source"]

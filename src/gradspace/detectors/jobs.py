@@ -26,13 +26,15 @@ import numpy as np
 
 from ..errors import ConfigError, DataError, GradspaceError, NumericalError, StoreError
 from ..files import write_bytes_atomic
+from ..params import Schema, merge_params
 from .base import Detector, FitContext, build_detector
 
 log = logging.getLogger(__name__)
 
 FORMAT = "gradspace-detector/1"
 DEFAULT_ROWS = 8192
-COMPUTE_KEYS = {"batch_size": 256, "device": "auto", "num_workers": 0, "mean": None, "std": None}
+COMPUTE_KEYS = {"batch_size": Schema("compute.batch_size"), "device": Schema("compute.device"),
+                "num_workers": Schema("compute.num_workers"), "mean": None, "std": None}
 
 
 # -- atomic output -------------------------------------------------------------------------
@@ -245,11 +247,7 @@ def score_arrays(det: Detector, shards, arrays: dict[str, str], rows: int = DEFA
 
 
 def compute_params(params: dict | None) -> dict:
-    params = dict(params or {})
-    unknown = set(params) - set(COMPUTE_KEYS)
-    if unknown:
-        raise ConfigError(f"score --params: unknown key(s) {sorted(unknown)}; known: {sorted(COMPUTE_KEYS)}")
-    out = {**COMPUTE_KEYS, **params}
+    out = merge_params(params, COMPUTE_KEYS, "score --params")
     for key in ("mean", "std"):
         if out[key] is None:
             raise ConfigError(f"score --params: '{key}' (input normalization) is required for "
@@ -261,21 +259,18 @@ def score_model_pass(det: Detector, model_path, data_dir, params: dict | None) -
     """Scores of a model-pass detector (ODIN, BATS) over a prepared dataset, manifest order."""
     if not model_path or not data_dir:
         raise ConfigError(f"detector '{det.method}' runs the model: pass --model and --data-dir")
-    from ..data.loader import iter_batches, num_samples
-    from ..models import load_model
-    from ..runtime import progress, resolve_device
+    from ..data.loader import num_samples
+    from ..job import batch_source, open_model
+    from ..runtime import progress
 
     p = compute_params(params)
-    device = resolve_device(p["device"])
-    model, _ = load_model(model_path, device)
-    model.eval()
+    device, model, _ = open_model(model_path, p)
     if hasattr(det, "set_input_normalization"):
         det.set_input_normalization(p["mean"], p["std"])
     n = num_samples(data_dir)
     out = np.full(n, np.nan)
     seen = np.zeros(n, dtype=bool)
-    batches = iter_batches(data_dir, batch_size=int(p["batch_size"]), shuffle=False,
-                           num_workers=int(p["num_workers"]), mean=p["mean"], std=p["std"], device=device)
+    batches = batch_source(data_dir, None, p, device, where="score --params")()
     for x, _y, rows in progress(f"score {det.method} {data_dir}", batches, n):
         rows = np.asarray(rows.cpu() if hasattr(rows, "cpu") else rows, dtype=np.int64)
         s = det.score_batch(model, x.to(device))

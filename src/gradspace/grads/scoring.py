@@ -35,24 +35,24 @@ import numpy as np
 
 from ..detectors.igoe import orientation
 from ..errors import ConfigError, DataError
+from ..params import Schema, merge_params
 
 log = logging.getLogger(__name__)
 
 DEFAULTS = {
-    "params": "all",
-    "temperature": 1.0,
-    "strategy": "auto",
-    "chunk_size": 64,
-    "precision": "fp32",
+    "params": Schema("gradients.params"),
+    "temperature": Schema("gradients.temperature"),
+    "strategy": Schema("gradients.strategy"),
+    "chunk_size": Schema("gradients.chunk_size"),
+    "precision": Schema("compute.precision"),
     "max_chunk_mb": None,
-    "device": "auto",
-    "batch_size": 128,
-    "num_workers": 0,
+    "device": Schema("compute.device"),
+    "batch_size": Schema("compute.batch_size"),
+    "num_workers": Schema("compute.num_workers"),
     "mean": None,
     "std": None,
-    "seed": 0,
-    "scores": {"gradnorm_all": {"kind": "gradnorm", "p": 1.0},
-               "exgrad_all": {"kind": "igoe", "order": "exp_norm", "dist": "pred", "norm": "l1"}},
+    "seed": Schema("seed"),
+    "scores": Schema("gradients.scores"),
 }
 SCORE_KEYS = {
     "gradnorm": {"p": 1.0, "target": "uniform"},
@@ -65,12 +65,7 @@ def parse_params(params: dict | None) -> dict:
     """Merge ``--params`` with the defaults and validate every score spec."""
     from . import lastlayer
 
-    params = dict(params or {})
-    unknown = set(params) - set(DEFAULTS)
-    if unknown:
-        raise ConfigError(f"grad-scores --params: unknown key(s) {sorted(unknown)}; "
-                          f"known: {sorted(DEFAULTS)}")
-    p = {**DEFAULTS, **params}
+    p = merge_params(params, DEFAULTS, "grad-scores --params")
     for key in ("mean", "std"):
         if p[key] is None:
             raise ConfigError(f"grad-scores --params: '{key}' (input normalization) is required")
@@ -87,11 +82,8 @@ def parse_params(params: dict | None) -> dict:
         kind = spec.pop("kind", None)
         if kind not in SCORE_KEYS:
             raise ConfigError(f"grad-scores score '{name}': 'kind' must be one of {sorted(SCORE_KEYS)}")
-        bad = set(spec) - set(SCORE_KEYS[kind])
-        if bad:
-            raise ConfigError(f"grad-scores score '{name}': unknown key(s) {sorted(bad)} for kind "
-                              f"'{kind}'; known: {sorted(SCORE_KEYS[kind])}")
-        spec = {"kind": kind, **SCORE_KEYS[kind], **spec}
+        where = f"grad-scores score '{name}' (kind '{kind}')"
+        spec = {"kind": kind, **merge_params(spec, SCORE_KEYS[kind], where)}
         if kind == "gradnorm":
             spec["p"] = lastlayer.check_p(spec["p"])
             if spec["target"] not in ("uniform", "onehot"):
@@ -282,12 +274,11 @@ def reference_batch(data_dir, num_classes: int, p: dict, device):
     """One ID-train sample per class (first of each class in a seeded shuffle)."""
     import torch
 
-    from ..data.loader import iter_batches
+    from ..job import batch_source
 
     xs: dict[int, torch.Tensor] = {}
-    for x, y, _rows in iter_batches(data_dir, batch_size=int(p["batch_size"]), shuffle=True,
-                                    seed=int(p["seed"]), num_workers=int(p["num_workers"]),
-                                    mean=p["mean"], std=p["std"], device=device):
+    for x, y, _rows in batch_source(data_dir, None, p, device, shuffle=True, seed=int(p["seed"]),
+                                    where="grad-scores --params")():
         y = torch.as_tensor(y).cpu()
         for cls in torch.unique(y).tolist():  # loop over classes present in the batch
             if cls >= 0 and cls not in xs:
@@ -304,16 +295,14 @@ def run_grad_scores(model_path, data_dir, shard, params: dict | None, out, ref_d
     """Compute the configured scores over one shard and write the store ``out``."""
     import torch
 
-    from ..data.loader import iter_batches, num_samples
+    from ..data.loader import num_samples
     from ..data.manifest import shard_layout
-    from ..models import load_model
-    from ..runtime import Timer, hardware_description, progress, resolve_device
+    from ..job import batch_source, open_model
+    from ..runtime import Timer, hardware_description, progress
     from ..store import ShardWriter
 
     p = parse_params(params)
-    device = resolve_device(p["device"])
-    model, _meta = load_model(model_path, device)
-    model.eval()
+    device, model, _meta = open_model(model_path, p)
     ref = None
     if any(s["kind"] == "batchgrad" for s in p["scores"].values()):
         if not ref_data_dir:
@@ -331,9 +320,7 @@ def run_grad_scores(model_path, data_dir, shard, params: dict | None, out, ref_d
         w.create("index", (n,), "int64")
         w.create("labels", (n,), "int64")
         pos = 0
-        batches = iter_batches(data_dir, shard=shard, batch_size=int(p["batch_size"]), shuffle=False,
-                               num_workers=int(p["num_workers"]), mean=p["mean"], std=p["std"],
-                               device=device)
+        batches = batch_source(data_dir, shard, p, device, where="grad-scores --params")()
         for x, y, rows in progress(f"grad-scores {data_dir} shard {shard}", batches, n):
             with timer("grad_scores", device):
                 vals = scorer(x)

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from ..params import merge_params
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,7 @@ def with_compute(params: dict, compute: dict) -> dict:
 
 
 def _check_keys(params: dict, known: set, where: str) -> None:
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    merge_params(params, {}, where, optional=known)
 
 
 def train_command(data_dir: str, params: dict, seed: int, out: str, log_json: str | None = None,

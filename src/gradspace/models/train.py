@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from ..errors import ConfigError, DataError, NumericalError
+from ..params import merge_params
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,7 @@ class TrainSettings:
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = "train") -> TrainSettings:
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        d = merge_params(d, {}, where, optional={f.name for f in fields(cls)})
         s = cls(**d)
         if s.schedule not in ("cosine", "step", "constant"):
             raise ConfigError(f"{where}.schedule: '{s.schedule}' is not cosine | step | constant")

@@ -27,48 +27,32 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ConfigError, DataError
-from ..params import require
+from ..job import batch_source, open_model
+from ..params import Schema, merge_params
 
 log = logging.getLogger(__name__)
 
-COMPUTE_DEFAULTS = {"device": "auto", "batch_size": 64, "num_workers": 0, "mean": None, "std": None,
-                    "chunk_size": 64, "strategy": "auto", "direction_chunk": 1, "precision": "fp32"}
-STATS_DEFAULTS = {"params": "all", "blocks": "stages", "temperature": 1.0}
+# the options every model-running subspace job takes, defaults from the config schema
+COMPUTE_DEFAULTS = {"device": Schema("compute.device"), "batch_size": Schema("compute.batch_size"),
+                    "num_workers": Schema("compute.num_workers"),
+                    # the model's input normalization: no default (checked where it is used)
+                    "mean": None, "std": None, "chunk_size": Schema("subspace.chunk_size"),
+                    "strategy": Schema("subspace.strategy"),
+                    "direction_chunk": Schema("subspace.direction_chunk"),
+                    "precision": Schema("compute.precision")}
+STATS_DEFAULTS = {"params": Schema("subspace.params"), "blocks": Schema("subspace.blocks"),
+                  "temperature": Schema("subspace.temperature")}
+METHOD = {"method": Schema("subspace.method")}
 
 
-def _opts(params: dict, defaults: dict, command: str) -> dict:
-    params = dict(params or {})
-    known = {**COMPUTE_DEFAULTS, **defaults}
-    unknown = set(params) - set(known)
-    if unknown:
-        raise ConfigError(f"{command} --params: unknown key(s) {sorted(unknown)}; known: {sorted(known)}")
-    return {**known, **params}
+def _opts(params: dict, defaults: dict, command: str, required=()) -> dict:
+    return merge_params(params, {**COMPUTE_DEFAULTS, **defaults}, f"{command} --params", required)
 
 
-def _device(o):
-    from ..runtime import resolve_device
-
-    return resolve_device(o["device"])
-
-
-def _model(path, device):
-    from ..models import load_model
-
-    model, meta = load_model(path, device)
-    return model.eval(), meta
-
-
-def _batches(data_dir, shard, o, device):
-    from ..data.loader import iter_batches
-
-    if o["mean"] is None or o["std"] is None:
-        raise ConfigError("--params needs 'mean' and 'std' (the input normalization of the model)")
-
-    def gen():
-        return iter_batches(data_dir, shard=shard, batch_size=int(o["batch_size"]),
-                            num_workers=int(o["num_workers"]), mean=o["mean"], std=o["std"], device=device)
-
-    return gen
+def job_options(params: dict | None = None, command: str = "job") -> dict:
+    """The options of a model-running subspace job: ``params`` over the schema's defaults
+    (for scripts that build operators the way the jobs do, e.g. the benchmarks)."""
+    return _opts(params, {**STATS_DEFAULTS, **METHOD}, command)
 
 
 def _write_timing(path, command, timer, device, n, extra=None):
@@ -118,8 +102,7 @@ def cmd_gradstats_partial(a):
     from .stats import accumulate_moments, save_partial
 
     o = _opts(a.params, STATS_DEFAULTS, "gradstats-partial")
-    dev = _device(o)
-    model, _ = _model(a.model, dev)
+    dev, model, _ = open_model(a.model, o)
     layout = build_layout(model, o["params"], o["blocks"])
     eng = make_engine(model, o["params"], float(o["temperature"]), int(o["chunk_size"]), o["strategy"],
                       o["precision"])
@@ -165,9 +148,8 @@ def cmd_ag_partial(a):
     from ..runtime import Timer
     from .ag import class_sums, write_ag_partial
 
-    o = _opts(a.params, {"method": "jvp_vjp", "num_classes": None}, "ag-partial")
-    dev = _device(o)
-    model, meta = _model(a.model, dev)
+    o = _opts(a.params, {**METHOD, "num_classes": None}, "ag-partial")
+    dev, model, meta = open_model(a.model, o)
     stats = _load_stats(a.stats)
     C = int(o["num_classes"] or meta.get("num_classes") or model.num_classes)
     op = _operator(o["method"], model, stats, o, dev)
@@ -194,9 +176,7 @@ def cmd_ag_partial(a):
 def cmd_ag_reduce(a):
     from .ag import reduce_ag
 
-    o = {"orthonormalize": True, **dict(a.params or {})}
-    if set(o) - {"orthonormalize"}:
-        raise ConfigError(f"ag-reduce --params: unknown key(s) {sorted(set(o) - {'orthonormalize'})}")
+    o = merge_params(a.params, {"orthonormalize": Schema("subspace.ag.orthonormalize")}, "ag-reduce --params")
     stats = _load_stats(a.stats)
     t0 = time.perf_counter()
     info = reduce_ag(a.partials, stats.layout, a.out, bool(o["orthonormalize"]), stats)
@@ -219,10 +199,7 @@ def cmd_pca_init(a):
     # k, oversample and seed come from the config (subspace.k, subspace.oversample, seed)
     # only: no second default here. k then travels with the basis (its attrs) to every pass,
     # the Krylov records and pca-finalize.
-    o = dict(a.params or {})
-    if set(o) - set(PCA_INIT_KEYS):
-        raise ConfigError(f"pca-init --params: unknown key(s) {sorted(set(o) - set(PCA_INIT_KEYS))}")
-    require(o, *PCA_INIT_KEYS, where="pca-init --params")
+    o = merge_params(a.params, {}, "pca-init --params", required=PCA_INIT_KEYS)
     stats = _load_stats(a.stats)
     init_basis(a.out, stats.layout, int(o["k"]), int(o["oversample"]), int(o["seed"]))
 
@@ -243,7 +220,7 @@ def _shard_batches(data_dir, shards, o, device, name):
 
     def gen():
         for s in shards:
-            yield from _batches(data_dir, s, o, device)()
+            yield from batch_source(data_dir, s, o, device)()
 
     return paused_iter(name, progress(f"{name} shards {shards[0]}..{shards[-1]}", gen(), total))
 
@@ -253,9 +230,8 @@ def _iteration_job(a, command):
     statistics, the basis V_t (group, attrs, layout), pass t and the job's blocks."""
     from .power import read_basis
 
-    o = _opts(a.params, {"method": "persample"}, command)
-    dev = _device(o)
-    model, _ = _model(a.model, dev)
+    o = _opts(a.params, METHOD, command)
+    dev, model, _ = open_model(a.model, o)
     stats = _load_stats(a.stats)
     group, battrs, layout = read_basis(a.basis, "basis")
     layout.same_as(stats.layout, f"{a.basis} vs. {a.stats}")
@@ -317,10 +293,8 @@ def cmd_pca_reduce(a):
     from .io import release_consumed
     from .power import reduce_pass
 
-    o = dict(a.params or {})
-    if set(o) - {"solver"}:
-        raise ConfigError(f"pca-reduce --params: unknown key(s) {sorted(set(o) - {'solver'})}")
-    solver = o.get("solver", "krylov")
+    o = merge_params(a.params, {"solver": "krylov"}, "pca-reduce --params")
+    solver = o["solver"]
     if solver not in ("krylov", "power"):
         raise ConfigError(f"pca-reduce: the iterative solver must be krylov or power, got {solver!r}")
     stats = _load_stats(a.stats)
@@ -354,10 +328,9 @@ def cmd_pca_settings(a):
     that meets the new setting — extending the run, or lifting an earlier pass."""
     from .diagnostics import write_json
 
-    o = dict(a.params or {})
-    unknown = set(o) - {"tol", "iterations", "max_iterations", "solver", "k", "exact_max_gib"}
-    if unknown:
-        raise ConfigError(f"pca-settings --params: unknown key(s) {sorted(unknown)}")
+    o = merge_params(a.params, {}, "pca-settings --params",
+                     required=("tol", "iterations", "max_iterations", "solver"),
+                     optional=("k", "exact_max_gib"))
     write_json(a.out, o)
 
 
@@ -367,9 +340,8 @@ def cmd_pca_lift(a):
     from .power import partial_products_from_gv, read_lift, write_lift
 
     release_consumed(a.release, "parts of the final pass")
-    o = _opts(a.params, {"method": "persample"}, "pca-lift")
-    dev = _device(o)
-    model, _ = _model(a.model, dev)
+    o = _opts(a.params, METHOD, "pca-lift")
+    dev, model, _ = open_model(a.model, o)
     stats = _load_stats(a.stats)
     layout = stats.layout
     blocks = _job_blocks(layout, a)
@@ -402,9 +374,7 @@ def cmd_pca_finalize(a):
 
     from .power import finalize_pca
 
-    o = dict(a.params or {})
-    if set(o) - {"tol"}:
-        raise ConfigError(f"pca-finalize --params: unknown key(s) {sorted(set(o) - {'tol'})}")
+    o = merge_params(a.params, {"tol": Schema("subspace.tol")}, "pca-finalize --params")
     stats = _load_stats(a.stats)
     if a.exact:
         if a.parts or a.krylov:
@@ -445,11 +415,7 @@ def cmd_pca_solver(a):
     from .diagnostics import write_json
     from .exact import GIB, choose_solver, exact_pca_bytes
 
-    o = dict(a.params or {})
-    unknown = set(o) - set(SOLVER_KEYS)
-    if unknown:
-        raise ConfigError(f"pca-solver --params: unknown key(s) {sorted(unknown)}")
-    require(o, *SOLVER_KEYS, where="pca-solver --params")
+    o = merge_params(a.params, {}, "pca-solver --params", required=SOLVER_KEYS)
     stats = _load_stats(a.stats)
     n, p, k = int(stats.count), int(stats.layout.num_params), int(o["k"])
     budget = float(o["exact_max_gib"]) * GIB
@@ -467,13 +433,11 @@ def cmd_pca_exact(a):
     from ..runtime import Timer
     from .exact import GIB, check_budget, exact_pca, write_exact
 
-    require(a.params or {}, *EXACT_KEYS, where="pca-exact --params")
-    o = _opts(a.params, {**dict.fromkeys(EXACT_KEYS), "method": "persample"}, "pca-exact")
+    o = _opts(a.params, METHOD, "pca-exact", required=EXACT_KEYS)
     stats = _load_stats(a.stats)
     n, p, k = int(stats.count), int(stats.layout.num_params), int(o["k"])
     need = check_budget(n, p, k, float(o["exact_max_gib"]) * GIB)
-    dev = _device(o)
-    model, _ = _model(a.model, dev)
+    dev, model, _ = open_model(a.model, o)
     op = _operator("persample", model, stats, o, dev)   # explicit gradients whatever subspace.method
     timer = Timer()
     log.info("exact PCA: N = %d, P = %d, k = %d, %.2f GiB in memory", n, p, k, need / GIB)
@@ -530,9 +494,8 @@ def cmd_project(a):
     from .project import project_batches, write_reduced
 
     release_consumed(a.release, "AG partials")
-    o = _opts(a.params, {"method": "persample", "space": None}, "project")
-    dev = _device(o)
-    model, _ = _model(a.model, dev)
+    o = _opts(a.params, {"method": Schema("subspace.project.method"), "space": None}, "project")
+    dev, model, _ = open_model(a.model, o)
     stats = _load_stats(a.stats)
     group, sattrs, layout = read_basis(a.subspace, "subspace")
     layout.same_as(stats.layout, f"{a.subspace} vs. {a.stats}")
@@ -546,7 +509,7 @@ def cmd_project(a):
     from ..runtime import progress
 
     batches = paused_iter("project", progress(f"project {a.data_dir} shard {a.shard}",
-                                                _batches(a.data_dir, a.shard, o, dev)(), n))
+                                                batch_source(a.data_dir, a.shard, o, dev)(), n))
     write_reduced(a.out, n, K, project_batches(op, batches, V, timer, dev),
                   {"space": o["space"] or sattrs.get("type"), "subspace_type": sattrs.get("type"), "k": K,
                    "blocks": blocks, "shard": a.shard, "method": o["method"],
@@ -598,9 +561,9 @@ def cmd_gradient_diagnostics(a):
     )
     from .io import open_blocks
 
-    o = _opts(a.params, {"n_samples": 1000, "seed": 0, "max_gib": 8.0}, "gradient-diagnostics")
-    dev = _device(o)
-    model, _ = _model(a.model, dev)
+    o = _opts(a.params, {"n_samples": Schema("subspace.diagnostics.n_samples"), "seed": Schema("seed"),
+                         "max_gib": Schema("subspace.diagnostics.max_gib")}, "gradient-diagnostics")
+    dev, model, _ = open_model(a.model, o)
     stats = _load_stats(a.stats)
     op = _operator("persample", model, stats, o, dev)
     data = {k: v[0] for k, v in _parse_sets(a.data, "--data").items()}
@@ -610,7 +573,7 @@ def cmd_gradient_diagnostics(a):
     rows, batches = {}, {}
     for salt, (ds, d) in enumerate(sorted(data.items())):
         rows[ds] = sample_rows(num_samples(d), int(o["n_samples"]), int(o["seed"]), salt)
-        batches[ds] = _batches(d, None, o, dev)
+        batches[ds] = batch_source(d, None, o, dev)
     means = None
     if a.ag:
         g, _, lay = open_blocks(a.ag, "subspace")

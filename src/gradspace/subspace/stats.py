@@ -41,20 +41,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError, DataError, NumericalError, StoreError
+from ..params import merge_params, schema_default
 from ..store import ShardWriter, open_store
 from .io import json_scalar, load_npz, read_json_scalar, save_npz
 from .layout import ParamLayout
 
 SCALES = ("variance", "second_moment", "none")
-DEFAULT_NORMALIZE = {"mean": True, "scale": "variance", "var_floor": 1.0e-8}
+# subspace.normalize's defaults, read from the config schema
+DEFAULT_NORMALIZE = {k: schema_default(f"subspace.normalize.{k}") for k in ("mean", "scale", "var_floor")}
 
 
 def normalize_options(opts: dict | None) -> dict:
-    opts = {**DEFAULT_NORMALIZE, **dict(opts or {})}
-    unknown = set(opts) - set(DEFAULT_NORMALIZE)
-    if unknown:
-        raise ConfigError(f"subspace.normalize: unknown key(s) {sorted(unknown)}; "
-                          f"known: {sorted(DEFAULT_NORMALIZE)}")
+    opts = merge_params(opts, DEFAULT_NORMALIZE, "subspace.normalize")
     if opts["scale"] not in SCALES:
         raise ConfigError(f"subspace.normalize.scale must be one of {SCALES}, got {opts['scale']!r}")
     if float(opts["var_floor"]) < 0:
