@@ -100,6 +100,12 @@ def require(params: Mapping, *keys: str, where: str = "--params") -> None:
                           "(the workflow passes them from the config)")
 
 
+def attempt_scaled(**base) -> dict:
+    """A rule's ``resources:`` (e.g. ``mem_mb=8000, runtime=60``) multiplied by the attempt:
+    a job that SLURM killed for memory or time gets more on each retry."""
+    return {key: (lambda wc, attempt, v=value: v * attempt) for key, value in base.items()}
+
+
 RUNTIME_ENV = "GRADSPACE_RUNTIME"
 RUNTIME_KEYS = ("device", "batch_size", "num_workers")
 

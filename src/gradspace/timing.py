@@ -27,14 +27,10 @@ from .files import atomic_path, read_benchmark
 
 log = logging.getLogger(__name__)
 
-SUBSPACE_RULES = {
-    "stats": ("gradstats_partial", "gradstats_reduce"),
-    "pca": ("pca_init", "pca_pass", "pca_gv", "pca_pass_block", "pca_reduce", "pca_diagnostics",
-            "pca_settings", "pca_lift", "pca_finalize", "pca_solver", "pca_exact"),
-    "ag": ("ag_partial", "ag_reduce"),
-}
-# the per-shard rules of each stage run in parallel; the others are sequential steps
-PARALLEL_RULES = {"gradstats_partial", "pca_pass", "pca_gv", "pca_pass_block", "pca_lift", "ag_partial"}
+# The rules of each subspace stage (keys "stats", "pca", "ag") come from the workflow, which
+# knows them by the rule file that defines them (common.smk: stage_rules): {"rules": [...],
+# "parallel": [...]}; the parallel ones run one job per data part (or shard) and block group
+# per step, the others are sequential steps.
 
 
 def read_benchmarks(bench_dir: str | os.PathLike) -> dict[str, list[tuple[str, float]]]:
@@ -49,12 +45,12 @@ def read_benchmarks(bench_dir: str | os.PathLike) -> dict[str, list[tuple[str, f
     return out
 
 
-def _critical_path(jobs_by_rule: dict[str, list[tuple[str, float]]], rules) -> float:
+def _critical_path(jobs_by_rule: dict[str, list[tuple[str, float]]], rules, parallel) -> float:
     """Time with one device per shard: parallel rules cost their slowest job per step."""
     total = 0.0
     for rule in rules:
         jobs = jobs_by_rule.get(rule, [])
-        if rule in PARALLEL_RULES:
+        if rule in parallel:
             steps: dict[str, float] = defaultdict(float)
             for name, s in jobs:  # group by pass (pca_pass/pass-003/part-1,
                 # pca_gv/pass-003/group-0/part-1: block groups run in parallel too)
@@ -66,8 +62,13 @@ def _critical_path(jobs_by_rule: dict[str, list[tuple[str, float]]], rules) -> f
     return total
 
 
-def table11(bench_dir, subspaces: dict[str, str], card: dict | None) -> list[dict]:
+def table11(bench_dir, subspaces: dict[str, str], card: dict | None, stage_rules: dict) -> list[dict]:
+    """One row per subspace: the jobs of its stage and the statistics' (``stage_rules``)."""
     from .store import open_store
+
+    for stage in ("stats", *subspaces):
+        if stage not in stage_rules:
+            raise DataError(f"--stage-rules has no rules of stage '{stage}' (known: {sorted(stage_rules)})")
 
     bench = read_benchmarks(bench_dir)
     rows = []
@@ -79,7 +80,8 @@ def table11(bench_dir, subspaces: dict[str, str], card: dict | None) -> list[dic
             import numpy as np
 
             n_params = int(sum(int(np.prod(s)) for s in layout["shapes"]))
-        rules = SUBSPACE_RULES["stats"] + SUBSPACE_RULES[space]
+        rules = [*stage_rules["stats"]["rules"], *stage_rules[space]["rules"]]
+        parallel = {*stage_rules["stats"]["parallel"], *stage_rules[space]["parallel"]}
         jobs = [(r, n, s) for r in rules for n, s in bench.get(r, [])]
         rows.append({
             "model": (card or {}).get("arch", "?"),
@@ -88,7 +90,7 @@ def table11(bench_dir, subspaces: dict[str, str], card: dict | None) -> list[dic
             "k": attrs.get("k"),
             "jobs": len(jobs),
             "total_s": round(sum(s for _, _, s in jobs), 3),
-            "critical_path_s": round(_critical_path(bench, rules), 3),
+            "critical_path_s": round(_critical_path(bench, rules, parallel), 3),
             "hardware": (card or {}).get("hardware", ""),
         })
     return rows
@@ -165,6 +167,7 @@ def cmd_timing_tables(args) -> None:
         fitted[Path(f).parent.name].append(f)
     out = Path(args.out_dir)
     with atomic_path(out, directory=True) as tmp:
-        _write_csv(tmp / "table11_subspace_time.csv", table11(args.bench_dir, subspaces, card))
+        _write_csv(tmp / "table11_subspace_time.csv",
+                   table11(args.bench_dir, subspaces, card, args.stage_rules))
         _write_csv(tmp / "table12_detection_time.csv", table12(reduced, fitted))
     log.info("timing tables -> %s", out)

@@ -4,10 +4,11 @@
 # exactly the invalidated jobs.
 
 import json
+import os
 import shlex
 
 from gradspace import __version__ as GRADSPACE_VERSION
-from gradspace.params import export_runtime_settings
+from gradspace.params import attempt_scaled, export_runtime_settings
 from gradspace.detectors.base import get_detector
 from gradspace.errors import ConfigError
 from gradspace.plan import data_parts as plan_data_parts, n_shards as plan_n_shards
@@ -22,6 +23,30 @@ MODEL = f"{R}/model/model.pt"
 ID_SETS = ["id_train", "id_test"]
 OOD_SETS = list(config["data"]["ood"])
 DATASETS = ID_SETS + OOD_SETS
+
+
+# What all rules repeat, in one place - the conda environment (relative to the rule
+# files in workflow/rules/) and the resources of a job, which grow with each retry of a
+# job that failed (SLURM kills for memory or time; profiles/slurm sets `retries`):
+# gradspace.params.attempt_scaled.
+CONDA_ENV = "../../envs/gradspace.yaml"
+
+
+
+# The file that defines each subspace stage, whose rules are the stage (the timing
+# tables sum their benchmarks; no rule name is written down twice).
+STAGE_RULE_FILES = {"stats": "gradstats.smk", "pca": "pca.smk", "ag": "ag.smk"}
+
+
+def stage_rules():
+    """{stage: {"rules": names, "parallel": names}} from the rules this workflow defined;
+    parallel rules are those with one job per data part ({part} in their output)."""
+    out = {}
+    for stage, fname in STAGE_RULE_FILES.items():
+        rules = [r for r in workflow.rules if os.path.basename(str(r.snakefile)) == fname]
+        out[stage] = {"rules": sorted(r.name for r in rules),
+                      "parallel": sorted(r.name for r in rules if any("{part}" in str(f) for f in r.output))}
+    return out
 
 
 def jarg(obj):

@@ -14,10 +14,9 @@ rule prepare:
     benchmark:
         f"{BENCH}/prepare/{{dataset}}.tsv"
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 30 * attempt,
+        **attempt_scaled(mem_mb=4000, runtime=30),
     conda:
-        "../../envs/gradspace.yaml"
+        CONDA_ENV
     shell:
         "gradspace prepare --dataset {wildcards.dataset} --params {params.spec} "
         "--seed {params.seed} --out {output} > {log} 2>&1"

@@ -21,10 +21,9 @@ rule fit_detector:
     benchmark:
         f"{BENCH}/fit/feature/{{detector}}.tsv"
     resources:
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
+        **attempt_scaled(mem_mb=8000, runtime=60),
     conda:
-        "../../envs/gradspace.yaml"
+        CONDA_ENV
     shell:
         "gradspace fit --method {params.method} --name {wildcards.detector} --params {params.hparams} --space feature "
         "--train {input.shards} --model {input.model} --data-dir {input.data} "
@@ -46,10 +45,9 @@ rule score_detector:
     benchmark:
         f"{BENCH}/score/feature/{{detector}}/{{dataset}}.tsv"
     resources:
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
+        **attempt_scaled(mem_mb=8000, runtime=60),
     conda:
-        "../../envs/gradspace.yaml"
+        CONDA_ENV
     shell:
         "gradspace score --fitted {input.fitted} --shards {input.shards} --out {output} > {log} 2>&1"
 
@@ -72,10 +70,9 @@ rule score_model_detector:
         f"{BENCH}/score/feature/{{detector}}/{{dataset}}.tsv"
     threads: THREADS
     resources:
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
+        **attempt_scaled(mem_mb=8000, runtime=60),
     conda:
-        "../../envs/gradspace.yaml"
+        CONDA_ENV
     shell:
         "GRADSPACE_THREADS={threads} gradspace score --fitted {input.fitted} --model {input.model} "
         "--data-dir {input.data} --params {params.compute} --out {output} > {log} 2>&1"

@@ -33,10 +33,9 @@ rule evaluate:
     benchmark:
         f"{BENCH}/evaluate.tsv"
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 15 * attempt,
+        **attempt_scaled(mem_mb=4000, runtime=15),
     conda:
-        "../../envs/gradspace.yaml"
+        CONDA_ENV
     shell:
         "gradspace evaluate --scores {input.scores} --id-dataset id_test --ood-datasets {params.ood} "
         "--detectors {params.detectors} --card {input.card} --positive {params.positive} "
@@ -62,10 +61,9 @@ rule findings:
     benchmark:
         f"{BENCH}/findings.tsv"
     resources:
-        mem_mb=lambda wc, attempt: 2000 * attempt,
-        runtime=lambda wc, attempt: 10 * attempt,
+        **attempt_scaled(mem_mb=2000, runtime=10),
     conda:
-        "../../envs/gradspace.yaml"
+        CONDA_ENV
     shell:
         "gradspace findings --metrics {input.metrics} --detectors {params.detectors} "
         "--grad-scores {params.grad_scores} --groups {params.groups} --tolerance {params.tolerance} "
@@ -98,10 +96,9 @@ rule report:
     benchmark:
         f"{BENCH}/report.tsv"
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 15 * attempt,
+        **attempt_scaled(mem_mb=4000, runtime=15),
     conda:
-        "../../envs/gradspace.yaml"
+        CONDA_ENV
     shell:
         "gradspace report --metrics {input.metrics} --card {input.card} --scores {input.scores} "
         "--benchmarks $(find {params.bench} -name '*.tsv' 2>/dev/null | sort) "
@@ -125,6 +122,7 @@ rule timing_tables:
     params:
         code=code_version("report"),
         bench=BENCH,
+        stage_rules=lambda wc: jarg(stage_rules()),
         subspaces=" ".join(f"--subspace {sp}={R}/subspace/{sp}/subspace.zarr" for sp in SPACES),
         reduced=" ".join(
             f"--reduced {sp}:{ds}=" + ",".join(shard_stores(ds, kind=f"reduced/{sp}"))
@@ -136,10 +134,10 @@ rule timing_tables:
     benchmark:
         f"{BENCH}/timing_tables.tsv"
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 15 * attempt,
+        **attempt_scaled(mem_mb=4000, runtime=15),
     conda:
-        "../../envs/gradspace.yaml"
+        CONDA_ENV
     shell:
         "gradspace timing-tables --bench-dir {params.bench} --card {input.card} {params.subspaces} "
-        "{params.reduced} --fitted {input.fitted} --out-dir {output} > {log} 2>&1"
+        "{params.reduced} --fitted {input.fitted} --stage-rules {params.stage_rules} --out-dir {output} "
+        "> {log} 2>&1"

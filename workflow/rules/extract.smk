@@ -17,10 +17,9 @@ rule extract:
         f"{BENCH}/extract/{{dataset}}/shard-{{shard}}.tsv"
     threads: THREADS
     resources:
-        mem_mb=lambda wc, attempt: 8000 * attempt,
-        runtime=lambda wc, attempt: 60 * attempt,
+        **attempt_scaled(mem_mb=8000, runtime=60),
     conda:
-        "../../envs/gradspace.yaml"
+        CONDA_ENV
     shell:
         "GRADSPACE_THREADS={threads} gradspace extract --model {input.model} --data-dir {input.data} "
         "--shard {wildcards.shard} --params {params.spec} --out {output} > {log} 2>&1"

@@ -18,10 +18,9 @@ rule grad_scores:
         f"{BENCH}/grad_scores/{{dataset}}/shard-{{shard}}.tsv"
     threads: THREADS
     resources:
-        mem_mb=lambda wc, attempt: 16000 * attempt,
-        runtime=lambda wc, attempt: 120 * attempt,
+        **attempt_scaled(mem_mb=16000, runtime=120),
     conda:
-        "../../envs/gradspace.yaml"
+        CONDA_ENV
     shell:
         "GRADSPACE_THREADS={threads} gradspace grad-scores --model {input.model} --data-dir {input.data} "
         "--shard {wildcards.shard} --params {params.spec} {params.ref} --out {output} > {log} 2>&1"

@@ -18,10 +18,9 @@ if config["model"]["source"] == "train":
             f"{BENCH}/train.tsv"
         threads: THREADS
         resources:
-            mem_mb=lambda wc, attempt: 8000 * attempt,
-            runtime=lambda wc, attempt: 120 * attempt,
+            **attempt_scaled(mem_mb=8000, runtime=120),
         conda:
-            "../../envs/gradspace.yaml"
+            CONDA_ENV
         shell:
             "GRADSPACE_THREADS={threads} gradspace train --data-dir {input} --params {params.spec} "
             "--seed {params.seed} --out {output} > {log} 2>&1"
@@ -40,10 +39,9 @@ else:
         benchmark:
             f"{BENCH}/load_model.tsv"
         resources:
-            mem_mb=lambda wc, attempt: 8000 * attempt,
-            runtime=lambda wc, attempt: 30 * attempt,
+            **attempt_scaled(mem_mb=8000, runtime=30),
         conda:
-            "../../envs/gradspace.yaml"
+            CONDA_ENV
         shell:
             "gradspace load-model --source {params.source} --params {params.spec} "
             "--out {output} > {log} 2>&1"
@@ -62,10 +60,9 @@ rule model_card:
     benchmark:
         f"{BENCH}/model_card.tsv"
     resources:
-        mem_mb=lambda wc, attempt: 4000 * attempt,
-        runtime=lambda wc, attempt: 15 * attempt,
+        **attempt_scaled(mem_mb=4000, runtime=15),
     conda:
-        "../../envs/gradspace.yaml"
+        CONDA_ENV
     shell:
         "gradspace model-card --model {input.model} --shards {input.shards} "
         "--out {output} > {log} 2>&1"

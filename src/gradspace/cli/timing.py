@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..timing import (
     cmd_timing_tables,
 )
+from . import json_arg
 
 
 def register(subparsers) -> None:
@@ -16,5 +17,8 @@ def register(subparsers) -> None:
     p.add_argument("--reduced", action="append", default=[], metavar="SPACE:DATASET=STORE[,STORE]")
     p.add_argument("--fitted", nargs="*", default=[], help="fitted gradient-space detectors "
                    "(detectors/<space>/<name>.npz)")
+    p.add_argument("--stage-rules", type=json_arg, required=True,
+                   help='JSON {"stats"|"pca"|"ag": {"rules": [...], "parallel": [...]}}: the rules of '
+                        "each subspace stage (the workflow passes them)")
     p.add_argument("--out-dir", required=True)
     p.set_defaults(func=cmd_timing_tables)
