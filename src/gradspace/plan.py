@@ -17,8 +17,10 @@ How each figure is formed
 - **Bytes written** follow the stores' formats (``gradspace.store`` layouts: features and
   logits float32, PCA partials and bases float32, Krylov records float64, ...), uncompressed:
   Zarr's zstd saves a few per cent on float data, more on post-ReLU features.
-- **Memory** = the interpreter with torch loaded (``CALIBRATION``, measured; ``--probe-host``
-  moves it by what a bare job process takes on the machine at hand) + the model +
+- **Memory** = the job process before its work (``CALIBRATION``: the interpreter with torch
+  loaded, or for the jobs that never import torch the peak of a process importing just
+  their import set, ``HOST_PROBES``; ``--probe-host`` measures these probes on the
+  machine at hand) + the model +
   the job's working set: the loader batch, the per-sample gradient chunk (at most the
   engine's 1 GiB workspace, ``gradspace.grads.engine.MAX_CHUNK_BYTES``) with its
   activations, and the job's own arrays (V of its block group, the float64 accumulator of
