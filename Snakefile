@@ -30,6 +30,7 @@ wildcard_constraints:
     space="pca|ag",
     it=r"\d{3}",
     part=r"\d+",
+    cand=r"\d+",
 
 
 include: "workflow/rules/data.smk"
@@ -42,6 +43,7 @@ include: "workflow/rules/pca.smk"
 include: "workflow/rules/projection.smk"
 include: "workflow/rules/grad_detectors.smk"
 include: "workflow/rules/detectors.smk"
+include: "workflow/rules/selection.smk"
 include: "workflow/rules/evaluate.smk"
 
 

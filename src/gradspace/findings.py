@@ -539,6 +539,13 @@ def cmd_findings(args) -> None:
                         ("--groups", groups)):
         if not isinstance(value, dict):
             raise ConfigError(f"{what}: expected a JSON object")
+    if getattr(args, "selected", None):
+        # hyperparameters chosen on validation data replace the configured ones (and the grid)
+        from .selection import GRID_KEY, chosen_hparams
+
+        for name, hp in chosen_hparams(args.selected).items():
+            base = {k: v for k, v in (detectors.get(name) or {}).items() if k != GRID_KEY}
+            detectors[name] = {**base, **hp}
     findings = compute_findings(df, detectors, grad_scores, _parse_reconstruction(args.reconstruction),
                                 groups, args.tolerance)
     write_text_atomic(args.out_csv, findings_csv_text(findings))

@@ -347,10 +347,12 @@ def n_shards(cfg: dict, dataset: str) -> int:
     """Shards of one dataset (its own ``shards``, else the ID block's, else data.shards);
     the workflow's rule files call this too, so plan and workflow never disagree."""
     data = cfg["data"]
-    if dataset in ("id_train", "id_test"):
+    if dataset in ("id_train", "id_test", "id_val"):
         idc = data["id"]
-        own = idc.get("train" if dataset == "id_train" else "test") or {}
+        own = idc.get("test" if dataset == "id_test" else "train") or {}
         return int(own.get("shards", idc.get("shards", data["shards"])))
+    if dataset not in data["ood"]:  # a validation OOD set (validation.ood)
+        return int(((cfg.get("validation") or {}).get("ood") or {})[dataset].get("shards", data["shards"]))
     return int(data["ood"][dataset].get("shards", data["shards"]))
 
 
@@ -632,7 +634,8 @@ class Planner:
                     )
         n_train = sz["id_train"]
         for _name, d in dets.items():
-            self.stage("fit_detector").add_job(*self._fit_bytes(d["method"], n_train, D, C, d["hparams"]))
+            for _ in range(d["fits"]):
+                self.stage("fit_detector").add_job(*self._fit_bytes(d["method"], n_train, D, C, d["hparams"]))
             for ds in scored:
                 if d["needs_model"]:
                     self.stage("score_model_detector", gpu=True, key="forward").add_job(
@@ -700,11 +703,16 @@ class Planner:
         from .detectors.base import get_detector
 
         out = {}
+        from .selection import grid_candidates, split_grid
+
         for name, spec in (section or {}).items():
-            hp = dict(spec or {})
+            hp, grid = split_grid(spec, name)
             method = hp.pop("method", name)
             cls = get_detector(method)
-            out[name] = {"method": method, "hparams": hp, "needs_model": bool(cls.needs_model)}
+            # a grid's candidates are fitted as the instance is (their validation scoring,
+            # on the small validation sets, is not planned)
+            out[name] = {"method": method, "hparams": hp, "needs_model": bool(cls.needs_model),
+                         "fits": len(grid_candidates(hp, grid))}
         return out
 
     def _fit_bytes(self, method: str, n: int, d: int, c: int, hp: Mapping) -> tuple[float, float]:
@@ -905,9 +913,10 @@ class Planner:
                     )
             gdets = self._detectors(sub["detectors"])
             for d in gdets.values():
-                self.stage("fit_grad_detector").add_job(
-                    *self._fit_bytes(d["method"], n_train, kk, C, d["hparams"])
-                )
+                for _ in range(d["fits"]):
+                    self.stage("fit_grad_detector").add_job(
+                        *self._fit_bytes(d["method"], n_train, kk, C, d["hparams"])
+                    )
                 for ds in scored:
                     self.stage("score_grad_detector").add_job(
                         8 * sz[ds] + 128,

@@ -27,6 +27,7 @@ STAGE_VERSIONS = {
     "project": 1,
     "evaluate": 1,
     "findings": 1,
+    "selection": 1,
     "report": 1,
 }
 

@@ -11,6 +11,7 @@ from gradspace import __version__ as GRADSPACE_VERSION
 from gradspace.params import attempt_scaled, export_runtime_settings
 from gradspace.detectors.base import get_detector
 from gradspace.errors import ConfigError
+from gradspace.selection import ID_VAL, grid_candidates, selection_sets, split_grid
 from gradspace.plan import data_parts as plan_data_parts, n_shards as plan_n_shards
 from gradspace.versions import code_version
 
@@ -22,7 +23,10 @@ MODEL = f"{R}/model/model.pt"
 
 ID_SETS = ["id_train", "id_test"]
 OOD_SETS = list(config["data"]["ood"])
-DATASETS = ID_SETS + OOD_SETS
+# the datasets of the test results (and of the diagnostics); the validation sets of
+# hyperparameter selection (VAL_SETS, below) are prepared, extracted and projected alike
+# but scored by the selection jobs only
+TEST_DATASETS = ID_SETS + OOD_SETS
 
 
 # What all rules repeat, in one place - the conda environment (relative to the rule
@@ -78,12 +82,13 @@ def prepare_params(dataset):
         "channels": data["channels"],
         "shards": n_shards(dataset),
     }
-    if dataset in ID_SETS:
+    if dataset in ID_SETS or dataset == ID_VAL:
         idc = data["id"]
-        part = "train" if dataset == "id_train" else "test"
+        part = "test" if dataset == "id_test" else "train"
         separate = part in idc
         source = dict(idc[part] if separate else idc["source"])
         source.pop("shards", None)
+        holdout = {"holdout": VALIDATION["id_holdout"]} if VAL_SETS and dataset != "id_test" else {}
         return {
             "role": dataset,
             "source": source,
@@ -91,9 +96,10 @@ def prepare_params(dataset):
             "test_fraction": None if separate else idc["test_fraction"],
             "train_subsample": idc["train_subsample"] if dataset == "id_train" else None,
             "n": None,
+            **holdout,
             **common,
         }
-    source = dict(data["ood"][dataset])
+    source = dict(data["ood"][dataset] if dataset in OOD_SETS else VALIDATION["ood"][dataset])
     n = source.pop("n", None)
     source.pop("shards", None)
     return {"role": "ood", "source": source, "num_classes": None, "test_fraction": None,
@@ -113,7 +119,7 @@ export_runtime_settings(config["compute"])
 import os as _os
 from gradspace.params import SHARDS_ENV
 
-_os.environ[SHARDS_ENV] = json.dumps({ds: n_shards(ds) for ds in DATASETS}, sort_keys=True)
+# (set below, once the validation sets are known)
 
 
 # Before the first job starts (main process only; not for dry runs), check every finished
@@ -181,16 +187,20 @@ def load_params():
     }
 
 
-def _detector_table(section):
+def _detector_table(section, where):
     table = {}
     for name, cfg in (section or {}).items():
-        hparams = dict(cfg or {})
+        hparams, grid = split_grid(cfg, f"{where}.{name}")
         method = hparams.pop("method", name)
         cls = get_detector(method)  # ConfigError naming the unknown detector
-        cls(**hparams)  # ConfigError naming an unknown hyperparameter
+        candidates = grid_candidates(hparams, grid)
+        for cand in candidates:
+            cls(**cand)  # ConfigError naming an unknown hyperparameter (of the grid too)
         table[name] = {
             "method": method,
             "hparams": hparams,
+            "grid": grid,
+            "candidates": candidates,
             "embedding": cls.embedding,
             "needs_model": bool(cls.needs_model),
             "needs_fit": bool(cls.needs_fit),
@@ -198,14 +208,28 @@ def _detector_table(section):
     return table
 
 
-DETECTORS = _detector_table(config["detectors"])
+DETECTORS = _detector_table(config["detectors"], "detectors")
 
 # -- gradient subspace ---------------------------------------------------------------------
 SUB = config["subspace"]
 SPACES = list(SUB["types"]) if SUB["enabled"] else []
 STATS = f"{R}/subspace/stats/stats.zarr"
 THREADS = config["compute"]["threads"]
-GRAD_DETECTORS = _detector_table(SUB["detectors"]) if SPACES else {}
+GRAD_DETECTORS = _detector_table(SUB["detectors"], "subspace.detectors") if SPACES else {}
+ENSEMBLE_GRID = [float(a) for a in SUB["ensemble"].get("grid", {}).get("alpha", [])]
+
+# -- hyperparameter selection on validation data (gradspace.selection) -----------------------
+SELECTED = [n for n, d in DETECTORS.items() if d["grid"]]
+SELECTED_GRAD = [n for n, d in GRAD_DETECTORS.items() if d["grid"]]
+VAL_SETS = selection_sets(config, bool(SELECTED or SELECTED_GRAD or ENSEMBLE_GRID))
+VAL_OOD = VAL_SETS[1:]
+DATASETS = TEST_DATASETS + VAL_SETS
+VALIDATION = config["validation"]
+_os.environ[SHARDS_ENV] = json.dumps({ds: n_shards(ds) for ds in DATASETS}, sort_keys=True)
+
+
+def _names_regex(names):
+    return "|".join(names) if names else "__none__"
 
 
 def _check_subspace_config():
@@ -215,7 +239,10 @@ def _check_subspace_config():
 
     # subspace.detectors' d (grad_react, grad_bats) against each space's dimension: an error
     # above subspace.k, capped with a warning above the AG dimension (C - 1 or C)
-    for msg in check_dims(SUB["detectors"], SPACES, SUB["k"], config["data"]["id"]["num_classes"],
+    # every grid candidate is checked (named "<name>[<i>]")
+    expanded = {(n if len(d["candidates"]) == 1 else f"{n}[{i}]"): {"method": d["method"], **c}
+                for n, d in GRAD_DETECTORS.items() for i, c in enumerate(d["candidates"])}
+    for msg in check_dims(expanded, SPACES, SUB["k"], config["data"]["id"]["num_classes"],
                           centred=SUB["normalize"]["mean"], orthonormalize=SUB["ag"]["orthonormalize"]):
         logger.warning(f"gradspace: {msg}")
 
@@ -400,14 +427,14 @@ def reduced_parts(wc):
 
 def reduced_args(space):
     return " ".join(f"--reduced {ds}=" + ",".join(shard_stores(ds, kind=f"reduced/{space}"))
-                    for ds in DATASETS)
+                    for ds in TEST_DATASETS)
 
 
 def gradient_diagnostics_args():
     args = [f"--ag {R}/subspace/ag/subspace.zarr"] if "ag" in SPACES else []
-    args += [f"--data {ds}={R}/data/{ds}" for ds in DATASETS]
+    args += [f"--data {ds}={R}/data/{ds}" for ds in TEST_DATASETS]
     args += [f"--reduced {sp}:{ds}=" + ",".join(shard_stores(ds, kind=f"reduced/{sp}"))
-             for sp in SPACES for ds in DATASETS]
+             for sp in SPACES for ds in TEST_DATASETS]
     return " ".join(args)
 
 
@@ -522,3 +549,55 @@ def report_sections():
     sec.append({"title": "Cosine to the class-mean gradient (paper Table 13)",
                 "csv": f"{g}/class_mean_cosine.csv"})
     return sec
+
+
+# -- hyperparameter selection: file names and arguments (rules in selection.smk) -------------
+SEL = f"{R}/selection"
+VALIDATED = f"{SEL}/validation-disjoint.json"
+
+
+def candidates(space, name):
+    """The grid candidates of one instance (feature space or a gradient space)."""
+    table = DETECTORS if space == "feature" else GRAD_DETECTORS
+    return table[name]["candidates"]
+
+
+def candidate_fitted(space, name):
+    return [f"{SEL}/{space}/{name}/cand-{i}.npz" for i in range(len(candidates(space, name)))]
+
+
+def candidate_scores(space, name):
+    return [f"{SEL}/{space}/{name}/cand-{i}/{ds}.npy"
+            for i in range(len(candidates(space, name))) for ds in VAL_SETS]
+
+
+def candidate_scores_arg(space, name):
+    """--scores I=PATH for the select command (I: the candidate of each file)."""
+    n = len(candidates(space, name))
+    return " ".join(f"{i}={SEL}/{space}/{name}/cand-{i}/{ds}.npy" for i in range(n) for ds in VAL_SETS)
+
+
+def selection_args():
+    """Settings every selection job shares."""
+    return (f"--ood {' '.join(VAL_OOD)} --criterion {' '.join(VALIDATION['criterion'])} "
+            f"--positive {config['metrics']['positive']}")
+
+
+def selection_records():
+    recs = [f"{SEL}/feature/{n}.json" for n in SELECTED]
+    recs += [f"{SEL}/{sp}/{n}.json" for sp in SPACES for n in SELECTED_GRAD]
+    if ENSEMBLE_GRID:
+        recs += [f"{SEL}/ensemble_{sp}/{n}.json" for sp in SPACES for n in ENSEMBLE]
+    return recs
+
+
+SELECTION_SECTION = [
+    {
+        "title": "Hyperparameter selection on validation data",
+        "csv": f"{R}/selection.csv",
+        "caption": "Every grid candidate of the detectors that declare a grid, fitted on ID train and "
+        "scored on the validation sets only (id_val, held out of the ID-train pool, against the "
+        "validation OOD sets, never test sets); val_* are averages over the validation OOD sets, "
+        "'chosen' marks the candidate picked by the criterion, the only one scored on the test sets.",
+    }
+] if VAL_SETS else []

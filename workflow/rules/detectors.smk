@@ -10,6 +10,8 @@ rule fit_detector:
         shards=shard_stores("id_train"),
     output:
         f"{R}/detectors/feature/{{detector}}.npz",
+    wildcard_constraints:
+        detector=_names_regex([n for n in DETECTORS if n not in SELECTED]),  # grids: select_detector
     params:
         code=code_version("detectors"),
         method=lambda wc: DETECTORS[wc.detector]["method"],

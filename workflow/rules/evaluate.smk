@@ -46,6 +46,7 @@ rule findings:
     input:
         metrics=f"{R}/metrics.csv",
         diagnostics=expand(f"{R}/diagnostics/{{space}}", space=SPACES),
+        selected=[f"{SEL}/feature/{n}.json" for n in SELECTED],
     output:
         csv=f"{R}/findings.csv",
         md=f"{R}/findings.md",
@@ -68,7 +69,8 @@ rule findings:
         "gradspace findings --metrics {input.metrics} --detectors {params.detectors} "
         "--grad-scores {params.grad_scores} --groups {params.groups} --tolerance {params.tolerance} "
         "--reconstruction {params.reconstruction} --out-csv {output.csv} --out-md {output.md} "
-        "> {log} 2>&1"
+        + ("--selected {input.selected} " if SELECTED else "")
+        + "> {log} 2>&1"
 
 
 rule report:
@@ -78,6 +80,7 @@ rule report:
         scores=all_score_files(),
         extra=report_extra_inputs(),
         findings=f"{R}/findings.csv",
+        selection=[f"{R}/selection.csv"] if VAL_SETS else [],
     output:
         report(
             directory(f"{R}/report"),
@@ -90,7 +93,7 @@ rule report:
         title=shlex.quote(config["report"]["title"]),
         bench=BENCH,
         sections=jarg(report_sections()),
-        findings=jarg(FINDINGS_SECTION),
+        findings=jarg(FINDINGS_SECTION + SELECTION_SECTION),
     log:
         f"{LOGS}/report.log",
     benchmark:
@@ -110,7 +113,7 @@ rule timing_tables:
     input:
         card=f"{R}/model/card.json",
         subspaces=expand(f"{R}/subspace/{{space}}/subspace.zarr", space=SPACES),
-        reduced=[s for sp in SPACES for ds in DATASETS for s in shard_stores(ds, kind=f"reduced/{sp}")],
+        reduced=[s for sp in SPACES for ds in TEST_DATASETS for s in shard_stores(ds, kind=f"reduced/{sp}")],
         fitted=[f"{R}/detectors/{sp}/{n}.npz" for sp in SPACES for n in GRAD_DETECTORS],
     output:
         report(

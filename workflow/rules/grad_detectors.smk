@@ -7,6 +7,8 @@ rule fit_grad_detector:
         lambda wc: shard_stores("id_train", kind=f"reduced/{wc.space}"),
     output:
         f"{R}/detectors/{{space}}/{{gdetector}}.npz",
+    wildcard_constraints:
+        gdetector=_names_regex([n for n in GRAD_DETECTORS if n not in SELECTED_GRAD]),  # grids: selection.smk
     params:
         code=code_version("detectors"),
         method=lambda wc: GRAD_DETECTORS[wc.gdetector]["method"],
@@ -50,6 +52,7 @@ rule ensemble:
     input:
         feature=f"{R}/scores/feature/{{gdetector}}/{{dataset}}.npy",
         gradient=f"{R}/scores/{{space}}/{{gdetector}}/{{dataset}}.npy",
+        alpha=lambda wc: [f"{SEL}/ensemble_{wc.space}/{wc.gdetector}.json"] if ENSEMBLE_GRID else [],
     output:
         f"{R}/scores/ensemble_{{space}}/{{gdetector}}/{{dataset}}.npy",
     params:
@@ -65,4 +68,5 @@ rule ensemble:
         CONDA_ENV
     shell:
         "gradspace ensemble-scores --feature {input.feature} --gradient {input.gradient} "
-        "--alpha {params.alpha} --out {output} > {log} 2>&1"
+        + ("--alpha-file {input.alpha}" if ENSEMBLE_GRID else "--alpha {params.alpha}")
+        + " --out {output} > {log} 2>&1"

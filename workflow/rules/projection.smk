@@ -87,7 +87,7 @@ else:
 rule subspace_diagnostics:
     input:
         subspace=f"{R}/subspace/{{space}}/subspace.zarr",
-        reduced=lambda wc: [s for ds in DATASETS for s in shard_stores(ds, kind=f"reduced/{wc.space}")],
+        reduced=lambda wc: [s for ds in TEST_DATASETS for s in shard_stores(ds, kind=f"reduced/{wc.space}")],
     output:
         directory(f"{R}/diagnostics/{{space}}"),
     params:
@@ -111,8 +111,8 @@ rule gradient_diagnostics:
         model=MODEL,
         stats=STATS,
         ag=f"{R}/subspace/ag/subspace.zarr" if "ag" in SPACES else [],
-        data=expand(f"{R}/data/{{dataset}}", dataset=DATASETS),
-        reduced=[s for sp in SPACES for ds in DATASETS for s in shard_stores(ds, kind=f"reduced/{sp}")],
+        data=expand(f"{R}/data/{{dataset}}", dataset=TEST_DATASETS),
+        reduced=[s for sp in SPACES for ds in TEST_DATASETS for s in shard_stores(ds, kind=f"reduced/{sp}")],
     output:
         directory(f"{R}/diagnostics/gradient"),
     params:

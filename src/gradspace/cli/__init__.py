@@ -36,6 +36,7 @@ COMMAND_MODULES = [
     "gradspace.cli.detectors",
     "gradspace.cli.metrics",
     "gradspace.cli.findings",
+    "gradspace.cli.selection",
     "gradspace.cli.report",
     "gradspace.cli.grads",
     "gradspace.cli.subspace",
@@ -69,6 +70,8 @@ COMMANDS = {
     "score": "gradspace.cli.detectors",
     "evaluate": "gradspace.cli.metrics",
     "findings": "gradspace.cli.findings",
+    **{name: "gradspace.cli.selection" for name in (
+        "select", "select-alpha", "check-validation", "selection-table")},
     "report": "gradspace.cli.report",
     "grad-scores": "gradspace.cli.grads",
     "timing-tables": "gradspace.cli.timing",

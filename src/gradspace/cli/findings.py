@@ -26,6 +26,9 @@ def register(subparsers) -> None:
                    help='JSON (inline or file): metrics.groups {"<group>": ["<OOD set>", ...]}')
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help="AUROC margin (fraction) of 'matches or beats' (default 0.005)")
+    p.add_argument("--selected", nargs="*", default=[], metavar="JSON",
+                   help="selection records (`gradspace select`): their chosen hyperparameters replace "
+                        "the configured ones of those detectors")
     p.add_argument("--out-csv", required=True, help="findings.csv")
     p.add_argument("--out-md", default=None, help="findings.md (Markdown table)")
     p.set_defaults(func=cmd_findings)

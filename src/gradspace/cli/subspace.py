@@ -207,5 +207,7 @@ def register(subparsers) -> None:
     p = add("ensemble-scores", cmd_ensemble, "S_f + alpha*S_b (paper eq. 11)")
     p.add_argument("--feature", required=True, help="feature-space scores .npy")
     p.add_argument("--gradient", required=True, help="gradient-space scores .npy")
-    p.add_argument("--alpha", type=float, default=1.0)
+    a = p.add_mutually_exclusive_group(required=True)
+    a.add_argument("--alpha", type=float, help="the weight alpha (subspace.ensemble.alpha)")
+    a.add_argument("--alpha-file", help="selection record of `gradspace select-alpha`: its chosen alpha")
     p.add_argument("--out", required=True)

@@ -12,9 +12,12 @@ Selection, all deterministic given the seed:
 2. ID roles without a per-role source split: a stratified split
    (sklearn ``train_test_split(stratify=labels, test_size=test_fraction,
    random_state=seed)``); id_train takes one part, id_test the complement;
-3. a random subset without replacement of ``train_subsample`` (id_train) or ``n``
+3. with ``holdout`` (validation.id_holdout: the ID validation split id_val), a random
+   subset of that many samples of the ID-train pool, drawn with ``default_rng([seed, 303])``,
+   is id_val; id_train draws from the rest only (the two never overlap);
+4. a random subset without replacement of ``train_subsample`` (id_train) or ``n``
    (id_test, ood) samples, drawn with ``default_rng([seed, 202])``;
-4. kept in source order; shard(p) = floor(p * shards / N).
+5. kept in source order; shard(p) = floor(p * shards / N).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from .sources import ID_ROLES, ROLES, SourceContext, get_source, subset_classes
 log = logging.getLogger(__name__)
 
 SEED_TAG_SUBSAMPLE = 202
+SEED_TAG_HOLDOUT = 303
 
 PARAM_DEFAULTS = {
     "role": None,
@@ -43,6 +47,7 @@ PARAM_DEFAULTS = {
     "test_fraction": Schema("data.id.test_fraction"),
     "train_subsample": None,
     "n": None,
+    "holdout": None,
     "shards": Schema("data.shards"),
     "image_size": None,
     "channels": None,
@@ -67,7 +72,7 @@ def validate_params(name: str, params: dict) -> dict:
         raise ConfigError(f"dataset '{name}': params 'source' must be an object with a 'kind', got {src!r}")
     for key in ("image_size", "shards"):
         _positive_int(name, key, p[key], allow_none=False)
-    for key in ("num_classes", "train_subsample", "n"):
+    for key in ("num_classes", "train_subsample", "n", "holdout"):
         _positive_int(name, key, p[key])
     if p["channels"] not in (1, 3):
         raise ConfigError(f"dataset '{name}': params 'channels' must be 1 or 3, got {p['channels']!r}")
@@ -83,15 +88,20 @@ def validate_params(name: str, params: dict) -> dict:
             raise ConfigError(f"dataset '{name}': params 'n' ({p['n']}) and source option 'n' "
                               f"({n_src}) disagree")
         p["n"] = n_src
+    if p["role"] == "id_val" and p["holdout"] is None:
+        raise ConfigError(f"dataset '{name}': role id_val needs params 'holdout' (validation.id_holdout)")
+    if p["holdout"] is not None and p["role"] not in ("id_train", "id_val"):
+        raise ConfigError(f"dataset '{name}': params 'holdout' applies to id_train and id_val only")
     return p
 
 
 def select(name: str, role: str, labels: np.ndarray, *, random_split: bool, test_fraction: float,
-           subsample: int | None, seed: int) -> np.ndarray:
+           subsample: int | None, seed: int, holdout: int | None = None) -> np.ndarray:
     """Positions (into the candidate list) of the selected samples, ascending.
 
     For ID roles with ``random_split``, id_train and id_test get complementary, disjoint
-    stratified parts of the candidates for the same seed.
+    stratified parts of the candidates for the same seed; with ``holdout``, id_val is a
+    random ``holdout``-subset of id_train's pool and id_train keeps the rest.
     """
     pos = np.arange(labels.shape[0], dtype=np.int64)
     if random_split and role in ID_ROLES:
@@ -103,7 +113,14 @@ def select(name: str, role: str, labels: np.ndarray, *, random_split: bool, test
         except ValueError as exc:
             raise DataError(f"dataset '{name}': cannot make a stratified split with "
                             f"test_fraction={test_fraction}: {exc}") from exc
-        pos = np.sort(train if role == "id_train" else test)
+        pos = np.sort(test if role == "id_test" else train)
+    if holdout is not None and role in ("id_train", "id_val"):
+        if holdout >= pos.shape[0]:
+            raise DataError(f"dataset '{name}': validation.id_holdout = {holdout} leaves no ID-train "
+                            f"samples (the pool has {pos.shape[0]})")
+        rng = np.random.default_rng([seed % (2**32), SEED_TAG_HOLDOUT])
+        held = np.sort(rng.choice(pos, size=holdout, replace=False))
+        pos = held if role == "id_val" else np.setdiff1d(pos, held)
     if subsample is not None:
         if subsample < pos.shape[0]:
             rng = np.random.default_rng([seed % (2**32), SEED_TAG_SUBSAMPLE])
@@ -136,7 +153,8 @@ def prepare_dataset(name: str, params: dict, seed: int, out) -> dict:
     random_split = role in ID_ROLES and not source.natural_split and p["test_fraction"] is not None
     subsample = p["train_subsample"] if role == "id_train" else (None if source.generates_n else p["n"])
     pos = select(name, role, cat.labels, random_split=random_split,
-                 test_fraction=float(p["test_fraction"] or 0.0), subsample=subsample, seed=int(seed))
+                 test_fraction=float(p["test_fraction"] or 0.0), subsample=subsample, seed=int(seed),
+                 holdout=p["holdout"])
     n = int(pos.shape[0])
     if n == 0:
         raise DataError(f"dataset '{name}': no samples selected from {cat.description}")
@@ -177,6 +195,7 @@ def prepare_dataset(name: str, params: dict, seed: int, out) -> dict:
             "random_split": random_split,
             "test_fraction": float(p["test_fraction"]) if random_split else None,
             "subsample": subsample,
+            **({"holdout": p["holdout"]} if p["holdout"] is not None else {}),
         },
         "source_classes": cat.num_classes,
         "class_names": cat.class_names,

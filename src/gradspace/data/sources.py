@@ -48,8 +48,10 @@ import numpy as np
 from ..errors import ConfigError, DataError
 from .imageops import crop_resize
 
-ROLES = ("id_train", "id_test", "ood")
-ID_ROLES = ("id_train", "id_test")
+ROLES = ("id_train", "id_test", "id_val", "ood")
+ID_ROLES = ("id_train", "id_test", "id_val")
+#: id_val (the validation split held out of the ID-train pool) reads id_train's split
+SPLIT_ROLE = {"id_val": "id_train"}
 
 # Tags mixed into the seed so independent random choices do not share a stream.
 SEED_TAG_CROPS = 101
@@ -183,12 +185,12 @@ class Source:
     # -- splits -------------------------------------------------------------------------
     def _resolve_split(self, split) -> tuple[str | None, bool]:
         """Return (split name or None, whether the split was chosen per role)."""
-        role = self.ctx.role
+        role = SPLIT_ROLE.get(self.ctx.role, self.ctx.role)
         if isinstance(split, dict):
-            bad = sorted(set(split) - set(ROLES))
+            bad = sorted(set(split) - (set(ROLES) - set(SPLIT_ROLE)))
             if bad:
                 raise ConfigError(f"dataset '{self.ctx.name}': source option 'split' has unknown "
-                                  f"role(s) {bad} (roles: {list(ROLES)})")
+                                  f"role(s) {bad} (roles: {[r for r in ROLES if r not in SPLIT_ROLE]})")
             chosen = split.get(role)
             if chosen is None and role in ID_ROLES:
                 raise ConfigError(f"dataset '{self.ctx.name}': source option 'split' gives no "

@@ -603,7 +603,12 @@ def cmd_ensemble(a):
     from ..detectors.gradient import ensemble_scores
     from ..detectors.jobs import save_scores
 
-    s = ensemble_scores(np.load(a.feature), np.load(a.gradient), a.alpha)
+    alpha = a.alpha
+    if getattr(a, "alpha_file", None):
+        from ..selection import read_selection
+
+        alpha = float(read_selection(a.alpha_file)["chosen_hparams"]["alpha"])
+    s = ensemble_scores(np.load(a.feature), np.load(a.gradient), alpha)
     save_scores(a.out, s)
 
 
