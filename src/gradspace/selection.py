@@ -64,7 +64,8 @@ def grid_candidates(hparams: Mapping, grid: Mapping) -> list[dict]:
     """Every candidate: ``hparams`` updated with one combination of the grid's values
     (keys sorted, values in listed order). No grid: the one candidate ``hparams``."""
     keys = sorted(grid)
-    return [{**hparams, **dict(zip(keys, combo, strict=True))} for combo in itertools.product(*(grid[k] for k in keys))]
+    combos = itertools.product(*(grid[k] for k in keys))
+    return [{**hparams, **dict(zip(keys, combo, strict=True))} for combo in combos]
 
 
 # -- validation sets -----------------------------------------------------------------------------
