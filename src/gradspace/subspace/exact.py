@@ -88,7 +88,8 @@ def check_budget(n: int, p: int, k: int, budget_bytes: float) -> int:
 
 def materialize_gradients(op, batches, n: int, timer=None, device=None):
     """G (N×P float32, host) and the sample rows, in the order of ``batches``, from the
-    operator's normalized per-sample gradients (``op.gradients``, e.g. PerSampleOperator)."""
+    operator's normalized per-sample gradients, one engine chunk at a time (``op.chunks``, e.g.
+    PerSampleOperator)."""
     if not hasattr(op, "chunks"):
         raise ConfigError("the exact PCA needs explicit per-sample gradients (the persample operator)")
     P = op.layout.num_params
@@ -210,7 +211,7 @@ def exact_pca_from_matrix(G: np.ndarray, layout, k: int, device=None, total_vari
 
 def exact_pca(op, batches, n: int, k: int, timer=None, device=None, stats=None):
     """The exact PCA in one data pass over ``batches`` (the N ID-train samples): G from
-    ``op.gradients``, then ``exact_pca_from_matrix``. Returns ({block: V_b}, info)."""
+    ``op.chunks``, then ``exact_pca_from_matrix``. Returns ({block: V_b}, info)."""
     t0 = time.perf_counter()
     G, _ = materialize_gradients(op, batches, n, timer, device)
     t1 = time.perf_counter()
