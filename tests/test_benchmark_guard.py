@@ -85,8 +85,8 @@ def test_validation_selected_auroc_does_not_regress(bench):
     missing = sorted(set(old["auroc"]) - set(now))
     assert not missing, f"detectors/scopes of the reference missing from this run: {missing}"
     drops = {k: (old["auroc"][k], now[k]) for k in old["auroc"] if now[k] < old["auroc"][k] - TOLERANCE}
-    assert not drops, ("test AUROC dropped by more than {:.1f} points from the reference:\n".format(
-        100 * TOLERANCE) + "\n".join(f"  {k}: {a:.4f} -> {b:.4f}" for k, (a, b) in sorted(drops.items())))
+    lines = "\n".join(f"  {k}: {a:.4f} -> {b:.4f}" for k, (a, b) in sorted(drops.items()))
+    assert not drops, f"test AUROC fell more than {100 * TOLERANCE:.1f} points below the reference:\n" + lines
 
 
 def test_near_ood_does_not_saturate(bench):
@@ -126,7 +126,8 @@ def test_test_sets_are_scored_with_the_chosen_hyperparameters_only(bench):
     from gradspace.data.manifest import read_manifest
 
     ids = {ds: set(read_manifest(bench / R / "data" / ds)["id"]) for ds in ("id_train", "id_val", "id_test")}
-    assert len(ids["id_val"]) == 400 and not ids["id_val"] & ids["id_train"] and not ids["id_val"] & ids["id_test"]
+    assert len(ids["id_val"]) == 400
+    assert not ids["id_val"] & ids["id_train"] and not ids["id_val"] & ids["id_test"]
 
 
 def test_report_shows_the_validation_table(bench):
@@ -145,7 +146,8 @@ def _write(work, name, change):
 
 
 def test_changing_one_grid_reruns_only_that_detector(bench):
-    name = _write(bench, "c_grid.yaml", lambda c: c["detectors"]["react"]["grid"].update(percentile=[80, 95, 99]))
+    name = _write(bench, "c_grid.yaml",
+                  lambda c: c["detectors"]["react"]["grid"].update(percentile=[80, 95, 99]))
     jobs = planned_jobs(bench, name)
     counts = Counter(r for r, _ in jobs)
     # only the changed candidate (index 1: 90 -> 95) is fitted and scored again
@@ -155,15 +157,18 @@ def test_changing_one_grid_reruns_only_that_detector(bench):
     assert {w.get("detector") for r, w in jobs if "detector" in w} == {"react"}
     assert {w.get("cand") for r, w in jobs if r == "fit_candidate"} == {"1"}
     # a gradient detector's grid: its candidates, selection, scores and its ensemble only
-    name = _write(bench, "c_ggrid.yaml", lambda c: c["subspace"]["detectors"]["knn"]["grid"].update(k=[5, 10, 20]))
+    name = _write(bench, "c_ggrid.yaml",
+                  lambda c: c["subspace"]["detectors"]["knn"]["grid"].update(k=[5, 10, 20]))
     counts = Counter(r for r, _ in planned_jobs(bench, name))
     assert counts["fit_grad_candidate"] == 2 and counts["select_grad_detector"] == 2
     assert not {"fit_candidate", "select_detector", "project", "extract", "pca_pass"} & set(counts), counts
     # the ensemble's alpha grid: the alpha selections and the ensemble scores only
-    name = _write(bench, "c_alpha.yaml", lambda c: c["subspace"]["ensemble"]["grid"].update(alpha=[0.5, 1.0]))
+    name = _write(bench, "c_alpha.yaml",
+                  lambda c: c["subspace"]["ensemble"]["grid"].update(alpha=[0.5, 1.0]))
     counts = Counter(r for r, _ in planned_jobs(bench, name))
     assert counts["select_ensemble_alpha"] == 2 and counts["ensemble"] == 8
-    assert not {"fit_candidate", "fit_grad_candidate", "select_detector", "score_detector"} & set(counts), counts
+    unrelated = {"fit_candidate", "fit_grad_candidate", "select_detector", "score_detector"}
+    assert not unrelated & set(counts), counts
 
 
 def test_a_validation_set_that_is_a_test_set_is_refused(bench):

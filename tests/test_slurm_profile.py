@@ -139,12 +139,23 @@ def _workflow_rules() -> dict[str, str]:
     """{rule name: its text} for every rule in workflow/rules/*.smk (also conditional ones)."""
     import re
 
-    rules = {}
+    rules, derived = {}, {}
+    pattern = r"^\s*(?:(?:rule|checkpoint) (\w+)|use rule (\w+) as (\w+) with):"
     for smk in sorted((REPO / "workflow" / "rules").glob("*.smk")):
         text = smk.read_text()
-        starts = [(m.start(), m.group(1)) for m in re.finditer(r"^\s*(?:rule|checkpoint) (\w+):", text, re.M)]
-        for (start, name), (end, _) in zip(starts, starts[1:] + [(len(text), None)], strict=False):
-            rules[name] = text[start:end]
+        starts = [(m.start(), m.groups()) for m in re.finditer(pattern, text, re.M)]
+        ends = [s for s, _ in starts[1:]] + [len(text)] * bool(starts)
+        for (start, (name, base, alias)), end in zip(starts, ends, strict=True):
+            if name:
+                rules[name] = text[start:end]
+            else:  # `use rule base as alias with:` keeps the base rule's shell unless it overrides it
+                derived[alias] = (base, text[start:end])
+    while derived:
+        ready = {a: (b, t) for a, (b, t) in derived.items() if b in rules}
+        assert ready, f"use rule of an unknown rule: {derived}"
+        for alias, (base, text) in ready.items():
+            rules[alias] = rules[base] + "\n" + text
+            del derived[alias]
     return rules
 
 

@@ -149,8 +149,17 @@ def test_subspace_pipeline(setup, capsys):
     assert s.shape == (30,) and np.isfinite(s).all()
     np.save(r / "scores/f.npy", np.ones(30))
     run("ensemble-scores", "--feature", r / "scores/f.npy", "--gradient", r / "scores/knn.npy",
-        "--out", r / "scores/ens.npy")
+        "--alpha", 1.0, "--out", r / "scores/ens.npy")
     np.testing.assert_allclose(np.load(r / "scores/ens.npy"), 1 + s)
+    from gradspace.selection import select_alpha
+
+    rng = np.random.default_rng(0)
+    val = {n: rng.normal(size=20) + (n == "id_val") for n in ("id_val", "ood_val")}
+    rec = select_alpha([0.5], val, val, ["ood_val"], ["auroc", "fpr95"])
+    (r / "scores/alpha.json").write_text(json.dumps({**rec, "name": "ens", "space": "pca"}))
+    run("ensemble-scores", "--feature", r / "scores/f.npy", "--gradient", r / "scores/knn.npy",
+        "--alpha-file", r / "scores/alpha.json", "--out", r / "scores/ens2.npy")
+    np.testing.assert_allclose(np.load(r / "scores/ens2.npy"), 1 + 0.5 * s)
 
 
 def test_bad_input_exit_2(setup, capsys):
