@@ -109,6 +109,25 @@ def test_l1_best_and_ties(findings, tmp_path):
     assert r.holds == NOT_TESTABLE and "two different p" in r.detail
 
 
+def test_gradnorm_at_a_chosen_temperature(findings):
+    # temperatures chosen on validation data (T = 2 for every norm): still the paper's GradNorm
+    # claims, compared at that temperature; a configured T = 1 instance is preferred
+    chosen = {k: ({**d, "temperature": 2.0} if k.startswith("gradnorm") and k != "gradnorm_all" else d)
+              for k, d in DETECTORS.items()}
+    df = compute_findings(metrics_frame(), chosen, GRAD_SCORES, None, GROUPS)
+    r = find(df, "huang_l1_best")
+    assert r.holds == YES and "p=2 83.00" in r.run_figure
+    assert find(df, "huang_gradnorm_vs_output").holds == YES
+    # an L2 instance at another temperature is not compared with the L1 one
+    mixed = {**chosen, "gradnorm_l2": {**chosen["gradnorm_l2"], "temperature": 3.0}}
+    r = find(compute_findings(metrics_frame(), mixed, GRAD_SCORES, None, GROUPS), "huang_l1_best")
+    assert "p=2" not in r.run_figure and "p=inf" in r.run_figure
+    both = {**chosen, "gradnorm_t1": {"method": "gradnorm", "p": 1, "temperature": 1.0}}
+    v = {**BASE, ("feature", "gradnorm_t1", "gradnorm", "gradient"): (0.70, 0.60, 0.80)}
+    r = find(compute_findings(metrics_frame(v), both, GRAD_SCORES, None, GROUPS), "huang_gradnorm_vs_output")
+    assert r.holds == NO and "GradNorm 70.00" in r.run_figure
+
+
 def test_hnorm_energy_matches_within_tolerance(findings):
     r = find(findings, "igoe_hnorm_energy")  # 0.838 vs 0.840: within 0.5 points
     assert r.holds == YES and r.margin == pytest.approx(-0.2)
