@@ -172,3 +172,50 @@ def test_capped_d_clips_every_dimension_as_the_check_says():
     for det in (a, b):
         det.fit({"reduced": X, "labels": y}, FitContext(num_classes=3, seed=0))
     np.testing.assert_array_equal(a.score({"reduced": X}), b.score({"reduced": X}))
+
+
+# -- dims: the subspace dimension K as a hyperparameter (issue 12) -----------------------------
+
+@pytest.mark.parametrize("method,hp", [("grad_knn", {"k": 5}), ("grad_mahalanobis", {}),
+                                       ("grad_energy", {"epochs": 2}), ("grad_react", {"d": 3, "epochs": 2})])
+def test_dims_equals_fitting_on_the_first_dims_columns(method, hp, tmp_path):
+    """dims = K' is the detector on the top-K' PCA directions: the same scores as fitting on
+    the first K' columns, after a save/load roundtrip, and refused above the dimension."""
+    from gradspace.detectors.jobs import load_fitted, save_fitted
+
+    X, y = blobs(n=90, K=8)
+    q = np.random.default_rng(5).standard_normal((11, 8)).astype(np.float32)
+    ctx = FitContext(num_classes=3, seed=0, extra={"space": "pca"})
+    cut = build_detector(method, {**hp, "dims": 4})
+    cut.fit({"reduced": X, "labels": y}, ctx)
+    ref = build_detector(method, hp)
+    ref.fit({"reduced": X[:, :4], "labels": y}, FitContext(num_classes=3, seed=0))
+    np.testing.assert_allclose(cut.score({"reduced": q}), ref.score({"reduced": q[:, :4]}), rtol=1e-6)
+    assert not np.allclose(cut.score({"reduced": q}), build_detector(method, hp).fit(
+        {"reduced": X, "labels": y}, FitContext(num_classes=3, seed=0)).score({"reduced": q}))
+    save_fitted(tmp_path / "d.npz", cut, "x", "pca", {"reduced": "reduced"})
+    back, _ = load_fitted(tmp_path / "d.npz")
+    np.testing.assert_array_equal(back.score({"reduced": q}), cut.score({"reduced": q}))
+    with pytest.raises(DataError, match="fitted on 4"):
+        back.score({"reduced": q[:, :3]})
+    with pytest.raises(ConfigError, match=r"dims = 9 must be in \[1, 8\]"):
+        build_detector(method, {**hp, "dims": 9}).fit({"reduced": X, "labels": y}, ctx)
+
+
+def test_dims_is_ignored_on_ag_and_checked_at_parse_time():
+    from gradspace.detectors.gradient import check_dims
+
+    X, y = blobs(n=90, K=2)
+    q = np.random.default_rng(6).standard_normal((7, 2))
+    ag = FitContext(extra={"space": "ag"})
+    a = build_detector("grad_knn", {"k": 3, "dims": 1}).fit({"reduced": X, "labels": y}, ag)
+    b = build_detector("grad_knn", {"k": 3}).fit({"reduced": X, "labels": y}, ag)
+    np.testing.assert_array_equal(a.score({"reduced": q}), b.score({"reduced": q}))
+    dets = {"knn": {"method": "grad_knn", "dims": 16}}
+    assert check_dims(dets, ["pca"], 32, 10) == []
+    warnings = check_dims(dets, ["pca", "ag"], 32, 10)
+    assert len(warnings) == 1 and "knn (grad_knn): dims applies to the PCA space only" in warnings[0]
+    with pytest.raises(ConfigError, match=r"knn \(grad_knn\): dims = 40 exceeds .*subspace\.k = 32"):
+        check_dims({"knn": {"method": "grad_knn", "dims": 40}}, ["pca"], 32, 10)
+    with pytest.raises(ConfigError, match="dims must be >= 1"):
+        check_dims({"knn": {"method": "grad_knn", "dims": 0}}, ["pca"], 32, 10)

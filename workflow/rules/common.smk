@@ -239,12 +239,16 @@ def _check_subspace_config():
 
     # subspace.detectors' d (grad_react, grad_bats) against each space's dimension: an error
     # above subspace.k, capped with a warning above the AG dimension (C - 1 or C)
-    # every grid candidate is checked (named "<name>[<i>]")
-    expanded = {(n if len(d["candidates"]) == 1 else f"{n}[{i}]"): {"method": d["method"], **c}
-                for n, d in GRAD_DETECTORS.items() for i, c in enumerate(d["candidates"])}
-    for msg in check_dims(expanded, SPACES, SUB["k"], config["data"]["id"]["num_classes"],
-                          centred=SUB["normalize"]["mean"], orthonormalize=SUB["ag"]["orthonormalize"]):
-        logger.warning(f"gradspace: {msg}")
+    # every grid candidate is checked; the same warning of several candidates is logged once
+    seen = set()
+    for n, d in GRAD_DETECTORS.items():
+        for c in d["candidates"]:
+            for msg in check_dims({n: {"method": d["method"], **c}}, SPACES, SUB["k"],
+                                  config["data"]["id"]["num_classes"], centred=SUB["normalize"]["mean"],
+                                  orthonormalize=SUB["ag"]["orthonormalize"]):
+                if msg not in seen:
+                    seen.add(msg)
+                    logger.warning(f"gradspace: {msg}")
 
 
 if SPACES:

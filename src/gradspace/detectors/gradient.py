@@ -26,11 +26,15 @@ score file: :func:`ensemble_scores` and the ``gradspace ensemble-scores`` comman
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ..errors import ConfigError, DataError
 from ..numerics import energy_score, softmax
 from .base import Detector, check_finite, register_detector
+
+log = logging.getLogger(__name__)
 
 HEAD_DEFAULTS = {"lr": 0.01, "batch_size": 512, "epochs": 3, "momentum": 0.9, "weight_decay": 0.0,
                  "seed": None, "num_classes": None}
@@ -79,32 +83,78 @@ def head_fc(state, z: np.ndarray) -> np.ndarray:
 
 
 class _GradientDetector(Detector):
+    """Every gradient detector takes ``dims``: use only the first ``dims`` coordinates of
+    the reduced gradients (null: all). On PCA these are the top-``dims`` principal
+    directions, i.e. the PCA subspace of dimension ``dims`` <= subspace.k, so a grid on
+    ``dims`` searches the subspace dimension K without computing the subspace again.
+    The AG basis has no order (one direction per class mean, orthonormalized), so on AG
+    ``dims`` is ignored: all its dimensions are used (the fit logs it)."""
+
     embedding = "gradient"
     requires = ("reduced", "labels")
     score_requires = ("reduced",)
     needs_fit = True
 
-    def _train_arrays(self, train):
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.defaults = {**cls.defaults, "dims": None}
+
+    def _train_arrays(self, train, ctx=None):
         X = check_finite("reduced", np.asarray(train["reduced"], np.float64), "ID-train reduced gradients")
         y = np.asarray(train["labels"], np.int64)
         if (y < 0).any():
             raise DataError(f"detector '{self.method}': ID-train labels contain {int((y < 0).sum())} "
                             "negative (OOD) labels")
-        return X, y
+        self._dims = self._used_dims(X.shape[1], ctx)
+        return X[:, :self._dims], y
+
+    def _used_dims(self, K: int, ctx) -> int:
+        dims = self.hparams.get("dims")
+        if dims is None:
+            return K
+        space = (ctx.extra.get("space") if ctx is not None else None)
+        if space == "ag":
+            log.info("detector '%s': dims = %s ignored on the AG space (its basis has no order); "
+                     "using all %d dimensions", self.method, dims, K)
+            return K
+        dims = int(dims)
+        if not 1 <= dims <= K:
+            raise ConfigError(f"detector '{self.method}': dims = {dims} must be in [1, {K}] "
+                              "(the dimension of the reduced gradients, subspace.k on PCA)")
+        return dims
 
     def _reduced(self, emb):
-        return check_finite("reduced", np.asarray(emb["reduced"], np.float64), "reduced gradients")
+        g = check_finite("reduced", np.asarray(emb["reduced"], np.float64), "reduced gradients")
+        dims = getattr(self, "_dims", None)
+        if dims is None:
+            return g
+        if g.shape[1] < dims:
+            raise DataError(f"detector '{self.method}': reduced gradients have {g.shape[1]} "
+                            f"dimensions, the detector was fitted on {dims}")
+        return g[:, :dims]
+
+    def state_dict(self):
+        state = super().state_dict()
+        if getattr(self, "_dims", None) is not None:
+            state["dims"] = np.asarray(self._dims, np.int64)
+        return state
+
+    def load_state_dict(self, state):
+        state = dict(state)
+        dims = state.pop("dims", None)
+        self._dims = None if dims is None else int(dims)
+        super().load_state_dict(state)
 
 
 class _HeadDetector(_GradientDetector):
     extra_defaults: dict = {}
 
     def __init_subclass__(cls, **kw):
-        super().__init_subclass__(**kw)
         cls.defaults = {**HEAD_DEFAULTS, **cls.extra_defaults}
+        super().__init_subclass__(**kw)
 
     def fit(self, train, ctx) -> None:
-        X, y = self._train_arrays(train)
+        X, y = self._train_arrays(train, ctx)
         h = self.hparams
         C = int(h["num_classes"] or ctx.num_classes or (y.max() + 1))
         if y.max() >= C:
@@ -202,7 +252,7 @@ class GradMahalanobis(_GradientDetector):
     defaults = {}
 
     def fit(self, train, ctx):
-        X, y = self._train_arrays(train)
+        X, y = self._train_arrays(train, ctx)
         classes = np.unique(y)
         means = np.stack([X[y == c].mean(0) for c in classes])
         R = X - means[np.searchsorted(classes, y)]
@@ -233,7 +283,7 @@ class GradKNN(_GradientDetector):
         return (g / np.maximum(n, 1e-12)).astype(np.float32)
 
     def fit(self, train, ctx):
-        X, _ = self._train_arrays(train)
+        X, _ = self._train_arrays(train, ctx)
         k = int(self.hparams["k"])
         if not 1 <= k <= X.shape[0]:
             raise ConfigError(f"detector 'grad_knn': k={k} must be in [1, {X.shape[0]}] (ID-train size)")
@@ -287,7 +337,10 @@ def reduced_dims(spaces, k: int, num_classes: int, centred: bool = True,
 def check_dims(detectors_cfg, spaces, k: int, num_classes: int, centred: bool = True,
                orthonormalize: bool = True) -> list[str]:
     """Check the ``d`` of the gradient-space detectors that clip the last d dimensions of
-    the reduced gradient (grad_react, grad_bats) against each space's dimension.
+    the reduced gradient (grad_react, grad_bats), and every gradient detector's ``dims``,
+    against each space's dimension. A ``dims`` above subspace.k is a ConfigError; ``dims``
+    with an AG space gives a warning (it is ignored there). A ``d`` above ``dims`` clips
+    every used dimension.
 
     ``detectors_cfg``: the subspace.detectors section, {name: {method, hparams...}}.
     PCA: d > subspace.k is a ConfigError naming the detector, its d and k (both are chosen
@@ -302,7 +355,23 @@ def check_dims(detectors_cfg, spaces, k: int, num_classes: int, centred: bool = 
     for name, cfg in (detectors_cfg or {}).items():
         hparams = dict(cfg or {})
         cls = get_detector(hparams.pop("method", name))
-        if not (issubclass(cls, _GradientDetector) and "d" in cls.defaults):
+        if not issubclass(cls, _GradientDetector):
+            continue
+        used = cls(**hparams).hparams.get("dims")
+        if used is not None:
+            if int(used) < 1:
+                raise ConfigError(f"subspace.detectors.{name} ({cls.method}): dims must be >= 1, "
+                                  f"got {used}")
+            if "pca" in dims and int(used) > dims["pca"]:
+                raise ConfigError(
+                    f"subspace.detectors.{name} ({cls.method}): dims = {used} exceeds the "
+                    f"dimension of the PCA space, subspace.k = {dims['pca']}; set dims <= "
+                    f"{dims['pca']} (or raise subspace.k)")
+            if "ag" in dims:
+                warnings.append(f"subspace.detectors.{name} ({cls.method}): dims applies to the "
+                                "PCA space only; on AG (no order among its directions) every "
+                                "dimension is used")
+        if "d" not in cls.defaults:
             continue
         d = int(cls(**hparams).hparams["d"])
         if d < 1:

@@ -198,6 +198,7 @@ def fit_detector(method: str, hparams: dict, train, out, *, name: str | None = N
     if not (det.needs_head or det.needs_model):
         model_path = None  # nothing to read from the model: skip loading it (and torch)
     ctx = _model_context(model_path, seed, data_dir, compute)
+    ctx.extra["space"] = space  # gradient detectors' `dims` applies to ordered (PCA) spaces only
     timer = Timer()
     with timer("fit"):
         if needed and det.needs_fit:
