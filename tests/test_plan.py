@@ -57,6 +57,15 @@ VARIANTS = {
               "subspace": {"block_jobs": 2, "data_parts": 2, "iterations": 1, "ag": {"class_jobs": 3}}},
     # the in-memory exact PCA (one job) instead of the passes
     "exact": {"subspace": {"solver": "exact"}},
+    # hyperparameter selection: validation sets, feature / model-pass / gradient grids
+    # (dims included) and the ensemble's alpha grid
+    "selection": {
+        "validation": {"id_holdout": 100, "ood": {"photos_val": {"kind": "skimage_photos", "n": 60}}},
+        "detectors": {"react": {"grid": {"percentile": [80, 90]}},
+                      "odin": {"grid": {"temperature": [1.0, 1000.0]}}},
+        "subspace": {"detectors": {"knn": {"method": "grad_knn", "k": 5, "grid": {"k": [3, 5], "dims": [4, 8]}}},
+                     "ensemble": {"grid": {"alpha": [0.5, 1.0]}}},
+    },
 }
 
 
@@ -65,12 +74,32 @@ def test_plan_jobs_are_the_dry_run_jobs(tmp_path, variant):
     cfg = yaml.safe_load(TINY.read_text())
     for section, values in VARIANTS[variant].items():
         for k, v in values.items():
+            cfg.setdefault(section, {})
             cfg[section][k] = {**cfg[section].get(k, {}), **v} if isinstance(v, dict) else v
     _write(tmp_path / "config.yaml", cfg)
     dry = _dry_run_counts(tmp_path)
     plan = make_plan(load_config([tmp_path / "config.yaml"]), results=tmp_path / "results" / "tiny")
     planned = {name: st["jobs"] for name, st in plan["stages"].items()}
     assert planned == dict(dry)
+
+
+def test_every_preset_plans_and_the_nearood_sizes(tmp_path):
+    presets = sorted((REPO / "config" / "presets").glob("*.yaml"))
+    assert len(presets) >= 4
+    for path in [REPO / "config" / "config.yaml", *presets]:
+        # places365 is an ImageFolder tree that is not on this machine: its size is given
+        sizes = {"places365": 10_000} if "cifar10" in path.name else None
+        plan = make_plan(load_config([path]), sizes=sizes, results=tmp_path / "none")
+        assert plan["stages"]["report"]["jobs"] == 1, path
+    # validation: id_val is held out of the ID-train pool before train_subsample, the
+    # validation OOD set keeps its n, a class subset of Fashion-MNIST its share of a split
+    from gradspace.plan import dataset_sizes
+
+    sz = dataset_sizes(load_config([REPO / "config" / "presets" / "fashion-mnist-nearood.yaml"]),
+                       tmp_path / "none")
+    assert sz == {"id_train": 6000, "id_test": 6000, "fmnist_heldout": 2000, "mnist": 2000,
+                  "digits8x8": 1797, "textures": 1000, "photos": 1000, "id_val": 1000,
+                  "fmnist_heldout_train": 1000}
 
 
 def test_plan_json_and_budgets(tmp_path):

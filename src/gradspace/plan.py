@@ -218,6 +218,13 @@ NUMPY_STAGES = {
     "score_grad_detector",
     "ensemble",
     "subspace_diagnostics",
+    "score_candidate",
+    "score_grad_candidate",
+    "select_detector",
+    "select_grad_detector",
+    "select_ensemble_alpha",
+    "selection_table",
+    "check_validation",
 }
 
 # Which key to change when a stage is over a budget.
@@ -363,6 +370,18 @@ def _count_images(root: Path) -> int:
     return n
 
 
+# Sources whose classes all have the same number of samples in every split: a `classes`
+# subset of them has len(classes) / classes of the split's samples.
+BALANCED_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
+
+
+def _class_share(src: Mapping, n: int | None) -> int | None:
+    classes = src.get("classes")
+    if n is None or not classes or src["kind"] not in BALANCED_CLASSES:
+        return n
+    return n * len(classes) // BALANCED_CLASSES[src["kind"]]
+
+
 def _source_size(src: Mapping, name: str, split) -> int | None:
     kind = src["kind"]
     if kind in ("skimage_textures", "skimage_photos") and src.get("n"):
@@ -377,12 +396,29 @@ def _source_size(src: Mapping, name: str, split) -> int | None:
     return None
 
 
+def validation_sets(cfg: dict) -> list[str]:
+    """The validation datasets the workflow prepares (``id_val`` and validation.ood), as
+    workflow/rules/common.smk decides: when a detector, a gradient detector (with a
+    subspace) or the ensemble declares a grid."""
+    from .selection import GRID_KEY, selection_sets
+
+    sub = cfg.get("subspace") or {}
+    spaces = bool(sub.get("enabled") and sub.get("types"))
+    grids = any((spec or {}).get(GRID_KEY) for spec in (cfg.get("detectors") or {}).values())
+    grids |= spaces and any((spec or {}).get(GRID_KEY) for spec in (sub.get("detectors") or {}).values())
+    grids |= bool(((sub.get("ensemble") or {}).get(GRID_KEY) or {}).get("alpha"))
+    return selection_sets(cfg, grids)
+
+
 def dataset_sizes(cfg: dict, results: Path | None = None, given: Mapping | None = None) -> dict[str, int]:
     """Samples per dataset (see the module docstring for the order of the sources)."""
     given = dict(given or {})
     idc = cfg["data"]["id"]
     out: dict[str, int] = {}
-    datasets = ["id_train", "id_test", *cfg["data"]["ood"]]
+    val = validation_sets(cfg)
+    val_ood = ((cfg.get("validation") or {}).get("ood") or {}) if val else {}
+    holdout = int(cfg["validation"]["id_holdout"]) if val else 0
+    datasets = ["id_train", "id_test", *cfg["data"]["ood"], *val]
     for ds in datasets:
         manifest = results / "data" / ds / "manifest.csv" if results else None
         if manifest is not None and manifest.is_file():
@@ -391,6 +427,17 @@ def dataset_sizes(cfg: dict, results: Path | None = None, given: Mapping | None 
             continue
         if ds in given:
             out[ds] = int(given[ds])
+            continue
+        if ds == "id_val":  # held out of the ID-train pool, which keeps the rest
+            out[ds] = holdout
+            continue
+        if ds in val_ood:
+            src = val_ood[ds]
+            n = _class_share(src, _source_size(src, ds, src.get("split")))
+            if n is None:
+                raise ConfigError(f"cannot tell how many samples validation set '{ds}' has before it "
+                                  f"is prepared (source kind {src.get('kind')}); give it with --sizes {ds}=N")
+            out[ds] = min(n, int(src["n"])) if src.get("n") else int(n)
             continue
         if ds in ("id_train", "id_test"):
             part = "train" if ds == "id_train" else "test"
@@ -402,9 +449,15 @@ def dataset_sizes(cfg: dict, results: Path | None = None, given: Mapping | None 
                 n = _source_size(src, idc["name"], split)
                 if n is not None and src.get("n"):
                     n = min(n, int(src["n"]))
+            elif isinstance(idc["source"].get("split"), Mapping):
+                # one source, a split per role: each role reads its own split
+                src = idc["source"]
+                n = _class_share(src, _source_size(src, idc["name"], src["split"].get(ds)))
+                if n is not None and src.get("n"):
+                    n = min(n, int(src["n"]))
             else:
                 src = idc["source"]
-                total = _source_size(src, idc["name"], None)
+                total = _class_share(src, _source_size(src, idc["name"], src.get("split")))
                 if src.get("n") and total is not None:
                     total = min(total, int(src["n"]))
                 tf = float(idc["test_fraction"])
@@ -413,11 +466,17 @@ def dataset_sizes(cfg: dict, results: Path | None = None, given: Mapping | None 
                     if total is None
                     else (total - round(total * tf) if ds == "id_train" else round(total * tf))
                 )
+            if ds == "id_train" and n is not None and holdout:
+                # id_val is drawn from the ID-train pool first; id_train subsamples the rest
+                if holdout >= n:
+                    raise ConfigError(f"validation.id_holdout = {holdout} leaves no ID-train samples "
+                                      f"(the pool has {n})")
+                n -= holdout
             if ds == "id_train" and n is not None and idc.get("train_subsample"):
                 n = min(n, int(idc["train_subsample"]))
         else:
             src = cfg["data"]["ood"][ds]
-            n = _source_size(src, ds, src.get("split"))
+            n = _class_share(src, _source_size(src, ds, src.get("split")))
             if n is not None and src.get("n"):
                 n = min(n, int(src["n"]))
         if n is None:
@@ -581,7 +640,12 @@ class Planner:
     def build(self) -> dict:
         cfg, f, sz = self.cfg, self.f, self.sizes
         datasets = list(sz)
-        scored = [d for d in datasets if d != "id_train"]
+        # validation sets (hyperparameter selection) are prepared and extracted like the
+        # others, but only grid candidates (and, with an alpha grid, the ensemble's members)
+        # are scored on them; the test sets are scored by every detector
+        val = [d for d in validation_sets(cfg) if d in sz]
+        scored = [d for d in datasets if d != "id_train" and d not in val]
+        self.val = val
         F = f.forward_flops
         batch = int(cfg["compute"]["batch_size"])
         C, D = f.num_classes, f.feature_dim
@@ -633,26 +697,31 @@ class Planner:
                         flops=rows * (3 * F + 4 * p),
                     )
         n_train = sz["id_train"]
-        for _name, d in dets.items():
+        sub = cfg["subspace"]
+        spaces = list(sub["types"]) if sub["enabled"] else []
+        ens_grid = bool(spaces and (sub["ensemble"].get("grid") or {}).get("alpha"))
+        ens_members = {n for n in sub["ensemble"]["detectors"] if n in (sub["detectors"] or {})} if ens_grid else set()
+        for name, d in dets.items():
+            grid = d["fits"] > 1 or d["grid"]
             for _ in range(d["fits"]):
-                self.stage("fit_detector").add_job(*self._fit_bytes(d["method"], n_train, D, C, d["hparams"]))
-            for ds in scored:
-                if d["needs_model"]:
-                    self.stage("score_model_detector", gpu=True, key="forward").add_job(
-                        # the input gradient keeps about half the activations a weight gradient does
-                        8 * sz[ds] + 128,
-                        *self._mem(batch * (f.input_bytes + 0.5 * f.saved_bytes)),
-                        flops=4 * F * sz[ds],
-                    )
-                else:
-                    self.stage("score_detector").add_job(
-                        8 * sz[ds] + 128,
-                        self._score_host(d["method"], sz[ds], n_train, D),
-                    )
+                self.stage("fit_candidate" if grid else "fit_detector").add_job(
+                    *self._fit_bytes(d["method"], n_train, D, C, d["hparams"])
+                )
+            if grid:  # every candidate on every validation set, then the choice
+                for _ in range(d["fits"]):
+                    for ds in val:
+                        self._score_feature(d, ds, n_train, candidate=True)
+                self.stage("select_detector").add_job(2e3 + 300.0 * d["fits"], self.cal["host_base_tables"])
+            # the test sets; with an alpha grid the ensemble's members on validation too
+            for ds in scored + (val if name in ens_members else []):
+                self._score_feature(d, ds, n_train)
 
-        spaces = list(cfg["subspace"]["types"]) if cfg["subspace"]["enabled"] else []
         if spaces:
-            self._subspace(spaces, datasets, scored)
+            self._subspace(spaces, ["id_train", *scored, *(val if self._grad_val(ens_grid) else [])],
+                           scored, val, ens_grid)
+        if val:
+            self.stage("check_validation").add_job(2e2, self.cal["host_base_tables"])
+            self.stage("selection_table").add_job(2e4, self.cal["host_base_tables"])
         n_files = len(scored) * (
             len(dets)
             + (len(self._detectors(cfg["subspace"]["detectors"])) * 2 * len(spaces) if spaces else 0)
@@ -670,6 +739,32 @@ class Planner:
         n_hist = len(dets) + len(spaces) * (len(gdets) + len(ens))  # one histogram per scored detector
         self.stage("report").add_job(self._report_bytes(len(scored) - 1, n_hist, spaces), 2e8)
         return self.summary()
+
+    def _grad_val(self, ens_grid: bool) -> bool:
+        """Whether the validation sets are projected: a gradient detector's grid or the
+        ensemble's alpha grid scores reduced gradients on them."""
+        if not self.val:
+            return False
+        gd = self.cfg["subspace"]["detectors"] or {}
+        return ens_grid or any((spec or {}).get("grid") for spec in gd.values())
+
+    def _score_feature(self, d: Mapping, ds: str, n_train: int, candidate: bool = False) -> None:
+        """One feature-space scoring job of detector ``d`` on dataset ``ds``."""
+        f, sz = self.f, self.sizes
+        batch = int(self.cfg["compute"]["batch_size"])
+        if d["needs_model"]:
+            self.stage("score_model_candidate" if candidate else "score_model_detector",
+                       gpu=True, key="forward").add_job(
+                # the input gradient keeps about half the activations a weight gradient does
+                8 * sz[ds] + 128,
+                *self._mem(batch * (f.input_bytes + 0.5 * f.saved_bytes)),
+                flops=4 * f.forward_flops * sz[ds],
+            )
+        else:
+            self.stage("score_candidate" if candidate else "score_detector").add_job(
+                8 * sz[ds] + 128,
+                self._score_host(d["method"], sz[ds], n_train, f.feature_dim),
+            )
 
     def _report_bytes(self, n_ood: int, n_dets: int, spaces) -> float:
         """report/: index.html embeds every PNG as base64 (4/3 of its bytes) and figures/
@@ -695,9 +790,11 @@ class Planner:
 
     def _source(self, ds: str) -> dict:
         idc = self.cfg["data"]["id"]
-        if ds in ("id_train", "id_test"):
-            return idc.get("train" if ds == "id_train" else "test") or idc["source"]
-        return self.cfg["data"]["ood"][ds]
+        if ds in ("id_train", "id_test", "id_val"):  # id_val: held out of ID train's source
+            return idc.get("test" if ds == "id_test" else "train") or idc["source"]
+        if ds in self.cfg["data"]["ood"]:
+            return self.cfg["data"]["ood"][ds]
+        return self.cfg["validation"]["ood"][ds]
 
     def _detectors(self, section) -> dict:
         from .detectors.base import get_detector
@@ -709,10 +806,9 @@ class Planner:
             hp, grid = split_grid(spec, name)
             method = hp.pop("method", name)
             cls = get_detector(method)
-            # a grid's candidates are fitted as the instance is (their validation scoring,
-            # on the small validation sets, is not planned)
+            # a grid's candidates are fitted as the instance is, each scored on validation
             out[name] = {"method": method, "hparams": hp, "needs_model": bool(cls.needs_model),
-                         "fits": len(grid_candidates(hp, grid))}
+                         "fits": len(grid_candidates(hp, grid)), "grid": bool(grid)}
         return out
 
     def _fit_bytes(self, method: str, n: int, d: int, c: int, hp: Mapping) -> tuple[float, float]:
@@ -748,7 +844,10 @@ class Planner:
         }.get(m, 0)
         return self.cal["host_base_numpy"] + 8.0 * (n * d + state)
 
-    def _subspace(self, spaces, datasets, scored) -> None:
+    def _subspace(self, spaces, datasets, scored, val=(), ens_grid: bool = False) -> None:
+        """The subspace stages; ``datasets`` are projected, ``scored`` (the test sets) are
+        scored by every gradient detector, ``val`` by grid candidates (and, with the
+        ensemble's alpha grid, by the ensemble's members)."""
         cfg, f, sz = self.cfg, self.f, self.sizes
         sub = cfg["subspace"]
         F = f.forward_flops
@@ -912,22 +1011,36 @@ class Planner:
                         rows * row(kk), self.cal["host_base_numpy"] + 2 * rows * row(kk) * len(groups)
                     )
             gdets = self._detectors(sub["detectors"])
-            for d in gdets.values():
+            ensembled = [n for n in sub["ensemble"]["detectors"] if n in gdets and n in self.cfg["detectors"]]
+            for name, d in gdets.items():
                 for _ in range(d["fits"]):
-                    self.stage("fit_grad_detector").add_job(
+                    self.stage("fit_grad_candidate" if d["grid"] else "fit_grad_detector").add_job(
                         *self._fit_bytes(d["method"], n_train, kk, C, d["hparams"])
                     )
-                for ds in scored:
+                if d["grid"]:
+                    for _ in range(d["fits"]):
+                        for ds in val:
+                            self.stage("score_grad_candidate").add_job(
+                                8 * sz[ds] + 128, self._score_host(d["method"], sz[ds], n_train, kk)
+                            )
+                    self.stage("select_grad_detector").add_job(
+                        2e3 + 300.0 * d["fits"], self.cal["host_base_tables"]
+                    )
+                for ds in [*scored, *(val if ens_grid and name in ensembled else [])]:
                     self.stage("score_grad_detector").add_job(
                         8 * sz[ds] + 128,
                         self._score_host(d["method"], sz[ds], n_train, kk),
                     )
-            for name in sub["ensemble"]["detectors"]:
-                if name in gdets and name in self.cfg["detectors"]:
-                    for ds in scored:
-                        self.stage("ensemble").add_job(
-                            8 * sz[ds] + 128, self.cal["host_base_bare"] + 3 * 8.0 * sz[ds]
-                        )
+            for _name in ensembled:
+                if ens_grid:
+                    n_alpha = len(sub["ensemble"]["grid"]["alpha"])
+                    self.stage("select_ensemble_alpha").add_job(
+                        2e3 + 300.0 * n_alpha, self.cal["host_base_tables"]
+                    )
+                for ds in scored:
+                    self.stage("ensemble").add_job(
+                        8 * sz[ds] + 128, self.cal["host_base_bare"] + 3 * 8.0 * sz[ds]
+                    )
             self.stage("subspace_diagnostics").add_job(5e4, 1e8)
         nd = int(sub["diagnostics"]["n_samples"])
         ref = min(nd, n_train) * 4.0 * P
@@ -946,7 +1059,7 @@ class Planner:
             + q_rows * P * (2 * 4.0 + 8.0)
         )
         n_ref = min(nd, n_train)
-        n_query = sum(min(nd, n) for ds, n in sz.items() if ds != "id_train")
+        n_query = sum(min(nd, sz[ds]) for ds in scored)  # the test sets
         piece_rows = max(1, int(float(sub["diagnostics"]["max_gib"]) * GiB // (4.0 * P)))
         pieces = -(-n_ref // piece_rows)
         self.stage("gradient_diagnostics", gpu=True, key="persample").add_job(
