@@ -63,7 +63,8 @@ VARIANTS = {
         "validation": {"id_holdout": 100, "ood": {"photos_val": {"kind": "skimage_photos", "n": 60}}},
         "detectors": {"react": {"grid": {"percentile": [80, 90]}},
                       "odin": {"grid": {"temperature": [1.0, 1000.0]}}},
-        "subspace": {"detectors": {"knn": {"method": "grad_knn", "k": 5, "grid": {"k": [3, 5], "dims": [4, 8]}}},
+        "subspace": {"detectors": {"knn": {"method": "grad_knn", "k": 5,
+                                           "grid": {"k": [3, 5], "dims": [4, 8]}}},
                      "ensemble": {"grid": {"alpha": [0.5, 1.0]}}},
     },
 }

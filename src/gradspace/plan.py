@@ -700,7 +700,8 @@ class Planner:
         sub = cfg["subspace"]
         spaces = list(sub["types"]) if sub["enabled"] else []
         ens_grid = bool(spaces and (sub["ensemble"].get("grid") or {}).get("alpha"))
-        ens_members = {n for n in sub["ensemble"]["detectors"] if n in (sub["detectors"] or {})} if ens_grid else set()
+        ens_members = ({n for n in sub["ensemble"]["detectors"] if n in (sub["detectors"] or {})}
+                       if ens_grid else set())
         for name, d in dets.items():
             grid = d["fits"] > 1 or d["grid"]
             for _ in range(d["fits"]):
