@@ -396,22 +396,10 @@ def _source_size(src: Mapping, name: str, split) -> int | None:
     return None
 
 
-def validation_sets(cfg: dict) -> list[str]:
-    """The validation datasets the workflow prepares (``id_val`` and validation.ood), as
-    workflow/rules/common.smk decides: when a detector, a gradient detector (with a
-    subspace) or the ensemble declares a grid."""
-    from .selection import GRID_KEY, selection_sets
-
-    sub = cfg.get("subspace") or {}
-    spaces = bool(sub.get("enabled") and sub.get("types"))
-    grids = any((spec or {}).get(GRID_KEY) for spec in (cfg.get("detectors") or {}).values())
-    grids |= spaces and any((spec or {}).get(GRID_KEY) for spec in (sub.get("detectors") or {}).values())
-    grids |= bool(((sub.get("ensemble") or {}).get(GRID_KEY) or {}).get("alpha"))
-    return selection_sets(cfg, grids)
-
-
 def dataset_sizes(cfg: dict, results: Path | None = None, given: Mapping | None = None) -> dict[str, int]:
     """Samples per dataset (see the module docstring for the order of the sources)."""
+    from .selection import validation_sets
+
     given = dict(given or {})
     idc = cfg["data"]["id"]
     out: dict[str, int] = {}
@@ -643,6 +631,8 @@ class Planner:
         # validation sets (hyperparameter selection) are prepared and extracted like the
         # others, but only grid candidates (and, with an alpha grid, the ensemble's members)
         # are scored on them; the test sets are scored by every detector
+        from .selection import validation_sets
+
         val = [d for d in validation_sets(cfg) if d in sz]
         scored = [d for d in datasets if d != "id_train" and d not in val]
         self.val = val
@@ -703,12 +693,11 @@ class Planner:
         ens_members = ({n for n in sub["ensemble"]["detectors"] if n in (sub["detectors"] or {})}
                        if ens_grid else set())
         for name, d in dets.items():
-            grid = d["fits"] > 1 or d["grid"]
             for _ in range(d["fits"]):
-                self.stage("fit_candidate" if grid else "fit_detector").add_job(
+                self.stage("fit_candidate" if d["grid"] else "fit_detector").add_job(
                     *self._fit_bytes(d["method"], n_train, D, C, d["hparams"])
                 )
-            if grid:  # every candidate on every validation set, then the choice
+            if d["grid"]:  # every candidate on every validation set, then the choice
                 for _ in range(d["fits"]):
                     for ds in val:
                         self._score_feature(d, ds, n_train, candidate=True)

@@ -133,6 +133,18 @@ def selection_sets(config: Mapping, any_grid: bool) -> list[str]:
     return [ID_VAL, *val["ood"]]
 
 
+def validation_sets(config: Mapping) -> list[str]:
+    """:func:`selection_sets` of a whole config: the validation sets are prepared when a
+    detector, a gradient detector (with a subspace) or the ensemble declares a grid. The
+    workflow (workflow/rules/common.smk) and ``gradspace plan`` both ask this."""
+    sub = config.get("subspace") or {}
+    spaces = bool(sub.get("enabled") and sub.get("types"))
+    grids = any((spec or {}).get(GRID_KEY) for spec in (config.get("detectors") or {}).values())
+    grids |= spaces and any((spec or {}).get(GRID_KEY) for spec in (sub.get("detectors") or {}).values())
+    grids |= bool(((sub.get("ensemble") or {}).get(GRID_KEY) or {}).get("alpha"))
+    return selection_sets(config, grids)
+
+
 def _manifest_ids(data_dir) -> np.ndarray:
     from .data.manifest import read_manifest
 

@@ -11,7 +11,7 @@ from gradspace import __version__ as GRADSPACE_VERSION
 from gradspace.params import attempt_scaled, export_runtime_settings
 from gradspace.detectors.base import get_detector
 from gradspace.errors import ConfigError
-from gradspace.selection import ID_VAL, grid_candidates, selection_sets, split_grid
+from gradspace.selection import ID_VAL, grid_candidates, split_grid, validation_sets
 from gradspace.plan import data_parts as plan_data_parts, n_shards as plan_n_shards
 from gradspace.versions import code_version
 
@@ -221,7 +221,7 @@ ENSEMBLE_GRID = [float(a) for a in SUB["ensemble"].get("grid", {}).get("alpha", 
 # -- hyperparameter selection on validation data (gradspace.selection) -----------------------
 SELECTED = [n for n, d in DETECTORS.items() if d["grid"]]
 SELECTED_GRAD = [n for n, d in GRAD_DETECTORS.items() if d["grid"]]
-VAL_SETS = selection_sets(config, bool(SELECTED or SELECTED_GRAD or ENSEMBLE_GRID))
+VAL_SETS = validation_sets(config)  # the same decision as `gradspace plan`
 VAL_OOD = VAL_SETS[1:]
 DATASETS = TEST_DATASETS + VAL_SETS
 VALIDATION = config["validation"]
